@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint unit bench airflow constraints clean
+
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-dev.txt -c constraints.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+unit: $(STAMP)
+	$(BIN)/pytest -q
+
+test: lint unit
+
+demo: $(STAMP)
+	$(BIN)/python include/demo.py
+
+bench: $(STAMP)
+	$(BIN)/python include/bench.py
+
+constraints: $(STAMP)
+	( echo '# Every package installed into .venv, pinned (pip freeze of a working environment). Regenerate with `make constraints`.'; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v '^liveramp' | sort -f ) > constraints.txt
+
+clean:
+	rm -rf .demo .pytest_cache build *.egg-info src/*.egg-info

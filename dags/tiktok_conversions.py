@@ -1,0 +1,89 @@
+"""
+### TikTok conversions through LiveRamp's ATS Conversions API adapter
+
+One run per daily **partition** `dt=YYYY-MM-DD` of conversion files under the Variable
+`capi_landing_root`. Each event carries an ATS identity envelope (`user_data.partner_id`)
+instead of personal data.
+
+| task | what it does |
+|---|---|
+| `extract` | lists the partition's `*.jsonl`, `*.jsonl.gz`, `*.csv`, `*.csv.gz` files into the run's manifest |
+| `validate` | checks every record (JSON Schema, duplicate `event_id`, 28-day window); rejects go to `rejected.jsonl` with file, line, pointer and reason; valid events are spilled to session shards |
+| `send` | one mapped task per shard: sessions -> batches -> LiveRamp, many requests in flight; the delivery ledger makes reruns send only what was not acknowledged |
+| `report` | writes `summary.json` and `failed.jsonl` under `capi_output_root`, and fails unless every valid event was delivered |
+
+**Rerun a failed partition**: clear the failed tasks (UI) or
+`airflow dags clear tiktok_conversions --partition-key YYYY-MM-DD`. **Manual run**: trigger
+with the param `partition` set to `YYYY-MM-DD`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+from airflow.sdk import DAG, CronPartitionTimetable, Param
+
+from liveramp_capi.operators.extract import ExtractPartitionOperator
+from liveramp_capi.operators.report import ReportConversionsOperator
+from liveramp_capi.operators.send import SendConversionsOperator
+from liveramp_capi.operators.validate import ValidateConversionsOperator
+
+_AIRFLOW_HOME = os.environ.get("AIRFLOW_HOME", os.path.expanduser("~/airflow"))
+# Manual runs name their partition; scheduled runs get it from the partition timetable; a
+# run made without either falls back to its logical date.
+PARTITION = "{{ params.partition or partition_key or ds }}"
+LANDING_ROOT = "{{ var.value.get('capi_landing_root', '" + f"file://{_AIRFLOW_HOME}/capi/landing" + "') }}"
+OUTPUT_ROOT = "{{ var.value.get('capi_output_root', '" + f"file://{_AIRFLOW_HOME}/capi/output" + "') }}"
+
+with DAG(
+    dag_id="tiktok_conversions",
+    description="Deliver a day's conversions to TikTok through LiveRamp's ATS CAPI adapter",
+    doc_md=__doc__,
+    # 03:00 UTC each day, for the day before: the key of the run of 2026-11-21 is 2026-11-20.
+    schedule=CronPartitionTimetable("0 3 * * *", timezone="UTC", run_offset=-1, key_format="%Y-%m-%d"),
+    start_date=dt.datetime(2026, 11, 1, tzinfo=dt.UTC),
+    catchup=False,
+    max_active_runs=2,
+    tags=["tiktok", "liveramp", "conversions"],
+    params={
+        "partition": Param(
+            None,
+            type=["null", "string"],
+            pattern=r"^\d{4}-\d{2}-\d{2}$",
+            title="Partition",
+            description="Day to (re)process, YYYY-MM-DD. Empty: the scheduled partition.",
+        ),
+    },
+    default_args={
+        "owner": "data-engineering",
+        "retries": 2,
+        "retry_delay": dt.timedelta(minutes=2),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": dt.timedelta(minutes=20),
+    },
+) as dag:
+    extract = ExtractPartitionOperator(
+        task_id="extract", partition=PARTITION, landing_root=LANDING_ROOT, output_root=OUTPUT_ROOT
+    )
+    validate = ValidateConversionsOperator(
+        task_id="validate",
+        partition=PARTITION,
+        landing_root=LANDING_ROOT,
+        output_root=OUTPUT_ROOT,
+        max_invalid_ratio="{{ var.value.get('capi_max_invalid_ratio', '0.05') }}",
+        max_event_age_days="{{ var.value.get('capi_max_event_age_days', '28') }}",
+        allow_custom_events="{{ var.value.get('capi_allow_custom_events', 'false') }}",
+    )
+    send = SendConversionsOperator.partial(
+        task_id="send",
+        partition=PARTITION,
+        landing_root=LANDING_ROOT,
+        output_root=OUTPUT_ROOT,
+        map_index_template="shard {{ task.shard }}",
+    ).expand(shard=validate.output)
+    report = ReportConversionsOperator(
+        task_id="report", partition=PARTITION, landing_root=LANDING_ROOT, output_root=OUTPUT_ROOT
+    )
+
+    extract >> validate >> send >> report

@@ -1,0 +1,399 @@
+"""Concurrent delivery of pre-serialized batches to LiveRamp's ``send-events`` endpoint.
+
+Plain Python and aiohttp, no Airflow import, so it can be benchmarked and tested alone.
+
+The ATS configuration ID sits in the URL path and lets anyone write events into the advertiser's
+account, so it is treated as a secret: no log line, exception message or ``DeliveryOutcome.error``
+built here contains the URL. aiohttp exceptions render the URL in ``str()``; only their class
+name is ever reported.
+
+Delivery is at-least-once: a request that timed out may still have been accepted, and the retry
+delivers it again. TikTok deduplicates the same event name + ``event_id`` within 48 hours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import aiohttp
+from yarl import URL
+
+from liveramp_capi.delivery.ratelimit import RateLimiter
+from liveramp_capi.delivery.retry import RetryPolicy, parse_retry_after
+from liveramp_capi.delivery.settings import TUNING_KEYS, CapiConfigError, CapiSettings, check_base_url
+
+__all__ = ["BatchSender", "DeliveryOutcome", "DeliveryStats", "OutgoingBatch", "RawBatch"]
+
+log = logging.getLogger(__name__)
+
+SleepFunc = Callable[[float], Awaitable[Any]]
+
+
+class OutgoingBatch(Protocol):
+    """
+    One request's worth of events, already serialized.
+
+    :ivar batch_id: caller-chosen identifier, echoed in the outcome (must not hold secrets).
+    :ivar event_count: number of events in ``body``, for the statistics.
+    :ivar body: the complete JSON request body ``{"events": [...]}``.
+    """
+
+    @property
+    def batch_id(self) -> str: ...
+
+    @property
+    def event_count(self) -> int: ...
+
+    @property
+    def body(self) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RawBatch:
+    """
+    Minimal :class:`OutgoingBatch` implementation.
+
+    :param batch_id: caller-chosen identifier.
+    :param event_count: number of events in ``body``.
+    :param body: the serialized request body.
+    """
+
+    batch_id: str
+    event_count: int
+    body: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryOutcome:
+    """
+    Final result of one batch.
+
+    :param batch_id: the batch's identifier.
+    :param acknowledged: the endpoint answered 2xx.
+    :param status: the last HTTP status received, ``None`` if no answer ever arrived.
+    :param attempts: requests made for this batch.
+    :param error: sanitized reason of a failure (``"HTTP 400"``, ``"timeout after 10.0 s"``,
+        ``"connection error (ClientOSError)"``, ``"retries exhausted: HTTP 503"``); never holds
+        the URL, the configuration ID or event data.
+    :param response_excerpt: start of the last error response body (at most
+        ``body_excerpt_bytes``); it is the server's text and may echo event data, so keep it
+        out of logs.
+    :param permanent: the batch was refused for good (non-retryable 4xx, TLS failure); ``False``
+        for acknowledged batches and when retries ran out.
+    """
+
+    batch_id: str
+    acknowledged: bool
+    status: int | None
+    attempts: int
+    error: str | None = None
+    response_excerpt: str | None = None
+    permanent: bool = False
+
+
+@dataclass(slots=True)
+class DeliveryStats:
+    """
+    Counters of one :meth:`BatchSender.deliver` call.
+
+    :param batches_acknowledged: batches answered 2xx.
+    :param batches_failed: batches that failed (permanently or after the last retry).
+    :param batches_failed_permanent: the subset refused for good.
+    :param events_acknowledged: events in acknowledged batches.
+    :param events_failed: events in failed batches.
+    :param requests: HTTP requests attempted, retries included.
+    :param retries: requests beyond each batch's first.
+    :param status_counts: answers by HTTP status.
+    :param error_counts: transport failures by kind (``"timeout"``, aiohttp class name).
+    :param pauses: times all workers were paused by a 429.
+    :param elapsed_seconds: wall time of the delivery.
+    """
+
+    batches_acknowledged: int = 0
+    batches_failed: int = 0
+    batches_failed_permanent: int = 0
+    events_acknowledged: int = 0
+    events_failed: int = 0
+    requests: int = 0
+    retries: int = 0
+    status_counts: dict[int, int] = field(default_factory=dict)
+    error_counts: dict[str, int] = field(default_factory=dict)
+    pauses: int = 0
+    elapsed_seconds: float = 0.0
+
+    @property
+    def batches(self) -> int:
+        """Batches that received an outcome."""
+        return self.batches_acknowledged + self.batches_failed
+
+    @property
+    def requests_per_second(self) -> float:
+        """Average request rate over the delivery."""
+        return self.requests / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (status codes as string keys), e.g. for XCom."""
+        return {
+            "batches_acknowledged": self.batches_acknowledged,
+            "batches_failed": self.batches_failed,
+            "batches_failed_permanent": self.batches_failed_permanent,
+            "events_acknowledged": self.events_acknowledged,
+            "events_failed": self.events_failed,
+            "requests": self.requests,
+            "retries": self.retries,
+            "status_counts": {str(k): v for k, v in sorted(self.status_counts.items())},
+            "error_counts": dict(sorted(self.error_counts.items())),
+            "pauses": self.pauses,
+            "elapsed_seconds": round(self.elapsed_seconds, 3),
+        }
+
+
+class _RunState:
+    """Per-``deliver`` mutable state shared by the workers of one event loop."""
+
+    __slots__ = ("error", "iterator", "limiter", "on_outcome", "session", "stats", "stop")
+
+    def __init__(
+        self,
+        iterator: Iterator[OutgoingBatch],
+        on_outcome: Callable[[OutgoingBatch, DeliveryOutcome], None],
+        session: aiohttp.ClientSession,
+        limiter: RateLimiter,
+    ) -> None:
+        self.iterator = iterator
+        self.on_outcome = on_outcome
+        self.session = session
+        self.limiter = limiter
+        self.stats = DeliveryStats()
+        self.stop = False
+        self.error: BaseException | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        # Keep the first error; workers finish their in-flight batch and stop pulling.
+        if self.error is None:
+            self.error = exc
+        self.stop = True
+
+
+_TLS_ERRORS = (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError)
+
+
+class BatchSender:
+    """
+    Send batches to ``{base_url}/send-events/{config_id}`` with bounded concurrency and retries.
+
+    :param base_url: e.g. ``https://capi.analytics.rlcdn.com`` (http or https).
+    :param config_id: the ATS configuration ID (secret; percent-encoded into the path).
+    :param settings: concurrency, timeouts, retry and rate tuning.
+    :param extra_headers: added to every request after ``Content-Type``; tuning keys are dropped.
+    :param rng: jitter source of the backoff; seed it in tests.
+    :param sleep: coroutine used for backoff and pacing waits; inject a recorder in tests.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        config_id: str,
+        settings: CapiSettings,
+        *,
+        extra_headers: Mapping[str, str] | None = None,
+        rng: random.Random | None = None,
+        sleep: SleepFunc = asyncio.sleep,
+    ) -> None:
+        if not isinstance(config_id, str) or not config_id.strip():
+            raise CapiConfigError("the ATS configuration ID is empty")
+        base = check_base_url(base_url, verify_tls=settings.verify_tls)
+        self.settings = settings
+        self.policy = RetryPolicy.from_settings(settings, rng)
+        self._url = URL(f"{base}/send-events/{quote(config_id, safe='')}", encoded=True)
+        self._config_id = config_id
+        headers = {"Content-Type": "application/json"}
+        for name, value in (extra_headers or {}).items():
+            if name not in TUNING_KEYS:
+                headers[name] = value
+        self._headers = headers
+        self._timeout = aiohttp.ClientTimeout(
+            total=settings.timeout_seconds, connect=settings.connect_timeout_seconds
+        )
+        self._timeout_error = f"timeout after {settings.timeout_seconds} s"
+        self._sleep = sleep
+        self.last_stats: DeliveryStats | None = None
+
+    def __repr__(self) -> str:
+        # The URL holds the configuration ID: show neither.
+        return f"{type(self).__name__}(concurrency={self.settings.concurrency})"
+
+    async def deliver(
+        self,
+        batches: Iterable[OutgoingBatch],
+        on_outcome: Callable[[OutgoingBatch, DeliveryOutcome], None],
+    ) -> DeliveryStats:
+        """
+        Deliver every batch of ``batches`` and report each result to ``on_outcome``.
+
+        ``batches`` is consumed lazily by ``settings.concurrency`` workers sharing one iterator,
+        so at most that many batches are held at any time. If the iterable or ``on_outcome``
+        raises, no further batch is pulled, the batches in flight finish (and are reported),
+        then the exception is re-raised; ``self.last_stats`` holds the counters so far.
+
+        :param batches: the batches; a generator is fine (and recommended for large partitions).
+        :param on_outcome: called exactly once per pulled batch, synchronously on the event
+            loop thread; it must be fast and non-blocking (e.g. append to a buffer), because
+            every worker waits while it runs.
+        :return: the delivery counters.
+        """
+        settings = self.settings
+        connector = aiohttp.TCPConnector(
+            limit=settings.concurrency,
+            limit_per_host=settings.concurrency,
+            ssl=True if settings.verify_tls else False,
+        )
+        limiter = RateLimiter(settings.max_requests_per_second, sleep=self._sleep)
+        started = time.perf_counter()
+        async with aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            headers=self._headers,
+            # Nothing here needs cookies; a dummy jar skips cookie parsing on every answer.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            raise_for_status=False,
+        ) as session:
+            state = _RunState(iter(batches), on_outcome, session, limiter)
+            self.last_stats = state.stats
+            try:
+                async with asyncio.TaskGroup() as group:
+                    for _ in range(settings.concurrency):
+                        group.create_task(self._worker(state))
+            finally:
+                state.stats.elapsed_seconds = time.perf_counter() - started
+                state.stats.pauses = limiter.pauses
+        if state.error is not None:
+            raise state.error
+        return state.stats
+
+    def deliver_sync(
+        self,
+        batches: Iterable[OutgoingBatch],
+        on_outcome: Callable[[OutgoingBatch, DeliveryOutcome], None],
+    ) -> DeliveryStats:
+        """
+        Run :meth:`deliver` in a fresh event loop; not callable from inside a running loop.
+
+        :param batches: see :meth:`deliver`.
+        :param on_outcome: see :meth:`deliver`.
+        """
+        return asyncio.run(self.deliver(batches, on_outcome))
+
+    async def _worker(self, state: _RunState) -> None:
+        iterator = state.iterator
+        stats = state.stats
+        while not state.stop:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except Exception as exc:  # the producer failed: stop pulling, let others finish
+                state.fail(exc)
+                return
+            outcome = await self._deliver_one(state, batch)
+            if outcome.acknowledged:
+                stats.batches_acknowledged += 1
+                stats.events_acknowledged += batch.event_count
+            else:
+                stats.batches_failed += 1
+                stats.events_failed += batch.event_count
+                if outcome.permanent:
+                    stats.batches_failed_permanent += 1
+            try:
+                state.on_outcome(batch, outcome)
+            except Exception as exc:
+                state.fail(exc)
+                return
+
+    async def _deliver_one(self, state: _RunState, batch: OutgoingBatch) -> DeliveryOutcome:
+        session = state.session
+        limiter = state.limiter
+        stats = state.stats
+        policy = self.policy
+        status_counts = stats.status_counts
+        url = self._url
+        body = batch.body
+        attempts = 0
+        status: int | None = None
+        excerpt: str | None = None
+        while True:
+            await limiter.acquire()
+            attempts += 1
+            stats.requests += 1
+            retry_after: float | None = None
+            try:
+                async with session.post(url, data=body, allow_redirects=False) as response:
+                    status = response.status
+                    status_counts[status] = status_counts.get(status, 0) + 1
+                    if 200 <= status < 300:
+                        # Reading the (small) body lets the connection go back to the pool.
+                        await response.read()
+                        return DeliveryOutcome(batch.batch_id, True, status, attempts)
+                    excerpt = await self._read_excerpt(response)
+                    if not policy.is_retryable_status(status):
+                        return DeliveryOutcome(
+                            batch.batch_id, False, status, attempts, f"HTTP {status}", excerpt, True
+                        )
+                    header = response.headers.get("Retry-After")
+                    if header is not None:
+                        retry_after = parse_retry_after(header, time.time())
+                    error = f"HTTP {status}"
+            except TimeoutError:
+                error = self._timeout_error
+                self._count_error(stats, "timeout")
+            except _TLS_ERRORS as exc:
+                # Another attempt cannot fix a certificate problem.
+                kind = type(exc).__name__
+                self._count_error(stats, kind)
+                return DeliveryOutcome(
+                    batch.batch_id, False, status, attempts, f"TLS error ({kind})", None, True
+                )
+            except (aiohttp.ClientError, OSError) as exc:
+                kind = type(exc).__name__
+                error = f"connection error ({kind})"
+                self._count_error(stats, kind)
+
+            if not policy.can_retry(attempts):
+                return DeliveryOutcome(
+                    batch.batch_id, False, status, attempts, f"retries exhausted: {error}", excerpt, False
+                )
+            delay = policy.delay(attempts, retry_after)
+            if status == 429 or retry_after is not None:
+                # Hold every worker, not just this one, so a throttle does not become a storm.
+                limiter.pause_for(delay if retry_after is None else min(retry_after, delay))
+            stats.retries += 1
+            if delay > 0:
+                await self._sleep(delay)
+
+    async def _read_excerpt(self, response: aiohttp.ClientResponse) -> str | None:
+        limit = self.settings.body_excerpt_bytes
+        if limit <= 0:
+            return None
+        chunks = bytearray()
+        try:
+            while len(chunks) < limit:
+                chunk = await response.content.read(limit - len(chunks))
+                if not chunk:
+                    break
+                chunks += chunk
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            pass  # the status alone decides; a truncated excerpt is fine
+        text = chunks.decode("utf-8", errors="replace")
+        # Some servers echo the request path; keep the configuration ID out of the excerpt.
+        return text.replace(self._config_id, "***").replace(quote(self._config_id, safe=""), "***")
+
+    @staticmethod
+    def _count_error(stats: DeliveryStats, kind: str) -> None:
+        stats.error_counts[kind] = stats.error_counts.get(kind, 0) + 1

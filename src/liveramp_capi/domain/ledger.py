@@ -1,0 +1,389 @@
+"""The delivery ledger: what was sent for a partition, and with which outcome.
+
+One row per batch, keyed by ``(partition, batch_id)``. Batch ids are deterministic, so a
+re-run (after a crash, a retry, a manual clear) finds what an earlier run already delivered
+and sends only the rest. A row is ``in_flight`` from just before its request until its outcome
+is recorded: a row left ``in_flight`` by a dead run means "outcome unknown".
+
+An ``acknowledged`` row is never downgraded: two runs racing on one partition (an overlapping
+retry, a zombie worker) may both send a batch, but once either saw it accepted it stays so.
+
+Plain SQLAlchemy Core on SQLite or PostgreSQL; upserts are ``INSERT ... ON CONFLICT DO UPDATE``
+sent executemany-style, one transaction per call.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+
+from liveramp_capi.domain.batches import Batch
+from liveramp_capi.domain.statedb import SQLITE_BEGIN_IMMEDIATE
+
+IN_FLIGHT = "in_flight"
+ACKNOWLEDGED = "acknowledged"
+FAILED = "failed"
+STATES: tuple[str, ...] = (IN_FLIGHT, ACKNOWLEDGED, FAILED)
+
+#: Name and version of this component's tables in ``capi_schema_version``.
+SCHEMA_COMPONENT = "delivery_ledger"
+SCHEMA_VERSION = 1
+
+MAX_ERROR_CHARS = 500
+
+metadata = sa.MetaData()
+
+ledger_table = sa.Table(
+    "capi_delivery_ledger",
+    metadata,
+    sa.Column("partition", sa.String(10), primary_key=True),
+    sa.Column("batch_id", sa.String(32), primary_key=True),
+    sa.Column("session_key_hash", sa.BigInteger, nullable=False),
+    sa.Column("event_count", sa.Integer, nullable=False),
+    sa.Column("event_ids", sa.Text, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("http_status", sa.Integer, nullable=True),
+    sa.Column("error", sa.String(MAX_ERROR_CHARS), nullable=True),
+    sa.Column("run_id", sa.String(250), nullable=True),
+    sa.Column("first_sent_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("acknowledged_at", sa.DateTime(timezone=True), nullable=True),
+    sa.CheckConstraint(f"state IN ('{IN_FLIGHT}', '{ACKNOWLEDGED}', '{FAILED}')", name="ck_capi_ledger_state"),
+    sa.Index("ix_capi_delivery_ledger_partition_state", "partition", "state"),
+)
+
+schema_version_table = sa.Table(
+    "capi_schema_version",
+    metadata,
+    sa.Column("component", sa.String(64), primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# Serialises schema creation between processes on PostgreSQL (any stable 63-bit constant).
+_SCHEMA_LOCK_KEY = int.from_bytes(hashlib.blake2b(b"liveramp_capi.schema", digest_size=8).digest(), "big") >> 1
+
+# PostgreSQL: deadlock / serialization failure. Rows are written in batch_id order so two
+# writers lock them in the same order, but a retry keeps a rare abort from failing a task.
+_RETRYABLE_PGCODES = frozenset({"40P01", "40001"})
+
+_UUID_RE = re.compile(r"[0-9A-Fa-f]{8}-(?:[0-9A-Fa-f]{4}-){3}[0-9A-Fa-f]{12}")
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_\-+/=]{32,}")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
+
+_T = TypeVar("_T")
+
+
+class LedgerSchemaError(RuntimeError):
+    """The database holds a ledger schema this code does not know (newer version)."""
+
+
+def sanitize_error(message: str | None) -> str | None:
+    """Make an error text safe and small enough for the ledger's ``error`` column.
+
+    Callers should never pass identifiers; as a second line of defence anything shaped like
+    a device id (UUID) or an envelope (a long base64url run) is redacted.
+
+    :param message: an error description, or None.
+    """
+    if message is None:
+        return None
+    text = _UUID_RE.sub("<redacted>", message)
+    text = _TOKEN_RE.sub("<redacted>", text)
+    text = _CONTROL_RE.sub(" ", text).strip()
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[: MAX_ERROR_CHARS - 3] + "..."
+    return text
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _unique_sorted(items: Iterable[_T], batch_of: Callable[[_T], Batch]) -> list[_T]:
+    # One row per batch id (PostgreSQL refuses to upsert a row twice in one statement), in
+    # batch_id order so concurrent writers take row locks in the same order.
+    by_id: dict[str, _T] = {}
+    for item in items:
+        by_id[batch_of(item).batch_id] = item
+    return [by_id[batch_id] for batch_id in sorted(by_id)]
+
+
+class DeliveryLedger:
+    """Read and record batch outcomes in the state database.
+
+    :param engine: a SQLite or PostgreSQL engine (see :func:`~liveramp_capi.domain.statedb.make_engine`).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        elif self.dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            raise ValueError(f"unsupported state database dialect: {self.dialect}")
+        self._insert = insert
+
+    # -- schema ---------------------------------------------------------------------------
+
+    def ensure_schema(self) -> None:
+        """Create the ledger tables if missing and check the schema version (idempotent).
+
+        Safe when several processes call it at once: PostgreSQL serialises the creation on a
+        transaction-level advisory lock; SQLite takes the write lock at BEGIN (so the existence
+        check and the CREATE happen under one lock) and a lost race is retried.
+        """
+        for attempt in range(3):
+            try:
+                with self.engine.connect() as connection:
+                    if self.dialect == "sqlite":
+                        connection.execution_options(**{SQLITE_BEGIN_IMMEDIATE: True})
+                    with connection.begin():
+                        if self.dialect == "postgresql":
+                            connection.execute(
+                                sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY}
+                            )
+                        metadata.create_all(connection, checkfirst=True)
+                        self._check_version(connection)
+                return
+            except DBAPIError as exc:
+                if attempt == 2 or "already exists" not in str(exc.orig).lower():
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+
+    @staticmethod
+    def _check_version(connection: Connection) -> None:
+        table = schema_version_table
+        found = connection.execute(
+            sa.select(table.c.version).where(table.c.component == SCHEMA_COMPONENT)
+        ).scalar_one_or_none()
+        if found is None:
+            connection.execute(
+                sa.insert(table).values(component=SCHEMA_COMPONENT, version=SCHEMA_VERSION, updated_at=_now())
+            )
+        elif found > SCHEMA_VERSION:
+            raise LedgerSchemaError(
+                f"the state database holds ledger schema version {found}; this code knows up to "
+                f"{SCHEMA_VERSION}: upgrade the liveramp-capi package"
+            )
+        # found < SCHEMA_VERSION: future upgrade steps go here, in order, inside this lock.
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def _shard_filter(self, partition: str, shard: int, shard_count: int, state: str) -> sa.ColumnElement[bool]:
+        if shard_count < 1 or not 0 <= shard < shard_count:
+            raise ValueError("shard must be in 0..shard_count-1")
+        table = ledger_table
+        return sa.and_(
+            table.c.partition == partition,
+            table.c.state == state,
+            (table.c.session_key_hash % shard_count) == shard,
+        )
+
+    def acknowledged_event_ids(self, partition: str, shard: int, shard_count: int) -> set[str]:
+        """Return the event ids of the shard's acknowledged batches.
+
+        Caution: event ids are unique neither across users nor across event types (TikTok
+        deduplicates on event name + id), so skipping events by id alone can drop a different
+        event that shares an id; :meth:`acknowledged_batch_ids` has no such ambiguity.
+
+        :param partition: partition name.
+        :param shard: shard index, ``0..shard_count-1``.
+        :param shard_count: the partition's shard count (the filter is ``session_key_hash % shard_count``).
+        """
+        where = self._shard_filter(partition, shard, shard_count, ACKNOWLEDGED)
+        found: set[str] = set()
+        with self.engine.connect() as connection:
+            for (event_ids,) in connection.execute(sa.select(ledger_table.c.event_ids).where(where)):
+                found.update(orjson.loads(event_ids))
+        return found
+
+    def acknowledged_batch_ids(self, partition: str, shard: int, shard_count: int) -> set[str]:
+        """Return the ids of the shard's acknowledged batches.
+
+        :param partition: partition name.
+        :param shard: shard index, ``0..shard_count-1``.
+        :param shard_count: the partition's shard count.
+        """
+        return set(self._batch_ids(partition, shard, shard_count, ACKNOWLEDGED))
+
+    def unresolved_batches(self, partition: str, shard: int, shard_count: int) -> list[str]:
+        """Return ids of the shard's batches left ``in_flight`` (their outcome is unknown).
+
+        :param partition: partition name.
+        :param shard: shard index, ``0..shard_count-1``.
+        :param shard_count: the partition's shard count.
+        """
+        return self._batch_ids(partition, shard, shard_count, IN_FLIGHT)
+
+    def _batch_ids(self, partition: str, shard: int, shard_count: int, state: str) -> list[str]:
+        where = self._shard_filter(partition, shard, shard_count, state)
+        query = sa.select(ledger_table.c.batch_id).where(where).order_by(ledger_table.c.batch_id)
+        with self.engine.connect() as connection:
+            return list(connection.execute(query).scalars())
+
+    def partition_counts(self, partition: str) -> dict[str, dict[str, int]]:
+        """Return ``{state: {"batches": n, "events": m}}`` for every state of a partition.
+
+        :param partition: partition name.
+        """
+        table = ledger_table
+        query = (
+            sa.select(table.c.state, sa.func.count(), sa.func.coalesce(sa.func.sum(table.c.event_count), 0))
+            .where(table.c.partition == partition)
+            .group_by(table.c.state)
+        )
+        counts = {state: {"batches": 0, "events": 0} for state in STATES}
+        with self.engine.connect() as connection:
+            for state, batches, events in connection.execute(query):
+                counts[state] = {"batches": int(batches), "events": int(events)}
+        return counts
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def _row(self, partition: str, batch: Batch, state: str, now: dt.datetime, **values: Any) -> dict[str, Any]:
+        row = {
+            "partition": partition,
+            "batch_id": batch.batch_id,
+            "session_key_hash": batch.session_key_hash,
+            "event_count": batch.event_count,
+            "event_ids": orjson.dumps(batch.event_ids).decode(),
+            "state": state,
+            "attempts": 0,
+            "http_status": None,
+            "error": None,
+            "first_sent_at": now,
+            "updated_at": now,
+            "acknowledged_at": None,
+        }
+        row.update(values)
+        return row
+
+    def _upsert(self, rows: list[dict[str, Any]], set_: Callable[[Any], dict[str, Any]], guard: bool) -> None:
+        if not rows:
+            return
+        table = ledger_table
+        statement = self._insert(table)
+        statement = statement.on_conflict_do_update(
+            index_elements=[table.c.partition, table.c.batch_id],
+            set_=set_(statement.excluded),
+            where=(table.c.state != ACKNOWLEDGED) if guard else None,
+        )
+        for attempt in range(3):
+            try:
+                with self.engine.begin() as connection:
+                    connection.execute(statement, rows)
+                return
+            except DBAPIError as exc:
+                code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+                if attempt == 2 or code not in _RETRYABLE_PGCODES:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+
+    def mark_in_flight(self, partition: str, batches: Sequence[Batch], run_id: str | None) -> None:
+        """Record that these batches are about to be sent (never downgrades ``acknowledged``).
+
+        :param partition: partition name.
+        :param batches: the batches about to be sent.
+        :param run_id: the Airflow run / try doing it, for the audit trail.
+        """
+        now = _now()
+        rows = [
+            self._row(partition, batch, IN_FLIGHT, now, run_id=run_id)
+            for batch in _unique_sorted(batches, lambda b: b)
+        ]
+        table = ledger_table
+        self._upsert(
+            rows,
+            lambda excluded: {
+                "state": excluded.state,
+                "run_id": excluded.run_id,
+                "updated_at": excluded.updated_at,
+                "first_sent_at": sa.func.coalesce(table.c.first_sent_at, excluded.first_sent_at),
+            },
+            guard=True,
+        )
+
+    def record_acknowledged(
+        self, partition: str, batches_with_attempts: Sequence[tuple[Batch, int]], run_id: str | None
+    ) -> None:
+        """Record batches the adapter accepted; ``attempts`` adds to the row's total.
+
+        :param partition: partition name.
+        :param batches_with_attempts: ``(batch, requests made for it in this run)`` pairs.
+        :param run_id: the Airflow run / try that got the acknowledgement.
+        """
+        now = _now()
+        rows = [
+            self._row(
+                partition, batch, ACKNOWLEDGED, now, attempts=attempts, run_id=run_id, acknowledged_at=now
+            )
+            for batch, attempts in _unique_sorted(batches_with_attempts, lambda item: item[0])
+        ]
+        table = ledger_table
+        self._upsert(
+            rows,
+            lambda excluded: {
+                "state": excluded.state,
+                "attempts": table.c.attempts + excluded.attempts,
+                "http_status": None,
+                "error": None,
+                "run_id": excluded.run_id,
+                "updated_at": excluded.updated_at,
+                "acknowledged_at": sa.func.coalesce(table.c.acknowledged_at, excluded.acknowledged_at),
+            },
+            guard=False,
+        )
+
+    def record_failed(
+        self,
+        partition: str,
+        failures: Sequence[tuple[Batch, int, int | None, str]],
+        run_id: str | None,
+    ) -> None:
+        """Record batches that failed for good in this run (never downgrades ``acknowledged``).
+
+        :param partition: partition name.
+        :param failures: ``(batch, attempts, http_status or None, error text)``; the error is
+            passed through :func:`sanitize_error`.
+        :param run_id: the Airflow run / try that gave up on them.
+        """
+        now = _now()
+        rows = [
+            self._row(
+                partition,
+                batch,
+                FAILED,
+                now,
+                attempts=attempts,
+                http_status=http_status,
+                error=sanitize_error(error),
+                run_id=run_id,
+            )
+            for batch, attempts, http_status, error in _unique_sorted(failures, lambda item: item[0])
+        ]
+        table = ledger_table
+        self._upsert(
+            rows,
+            lambda excluded: {
+                "state": excluded.state,
+                "attempts": table.c.attempts + excluded.attempts,
+                "http_status": excluded.http_status,
+                "error": excluded.error,
+                "run_id": excluded.run_id,
+                "updated_at": excluded.updated_at,
+            },
+            guard=True,
+        )

@@ -1,0 +1,333 @@
+"""Load the event JSON Schema and turn schema failures into specific, privacy-safe reasons.
+
+Validation runs in two tiers: ``jsonschema_rs`` answers "valid or not" (about 50x faster than
+the reference implementation), and only for the few invalid records the reference
+``jsonschema`` validator is run to find the most useful error. The schema annotates its
+subschemas with ``x-expect`` (the sentence that describes a valid value) and ``x-code``
+(a specific violation code), so the wording lives next to the rule it explains.
+
+Reasons never quote values under ``/user_data``, ``/consent``, ``/client_ip`` (envelopes,
+device ids, consent strings, IPs); ``jsonschema``'s own messages quote values, so every
+sentence here is built from the keyword, the location and the schema only.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import functools
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import jsonschema_rs
+from jsonschema.exceptions import ValidationError, best_match, by_relevance
+
+from liveramp_capi.domain.violations import Violation
+
+SCHEMA_PATH_ENV = "CAPI_SCHEMA_PATH"
+SCHEMA_RELATIVE_PATH = Path("include") / "schemas" / "tiktok_event.schema.json"
+
+#: Top-level fields whose values are personal data or secrets: never quoted in a reason.
+PRIVATE_FIELDS = frozenset({"user_data", "consent", "client_ip", "envelope"})
+
+# At the same depth an unknown field explains more than the missing field it was a typo of.
+_RELEVANCE = by_relevance(strong=frozenset({"additionalProperties"}))
+
+_MS_LOW, _MS_HIGH = 10**11, 10**14
+_TYPE_WORDS = {
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "a boolean",
+    "object": "an object",
+    "array": "an array",
+    "null": "null",
+}
+
+
+class SchemaNotFoundError(FileNotFoundError):
+    """The event schema file could not be located."""
+
+
+def find_schema_path() -> Path:
+    """Locate ``tiktok_event.schema.json``.
+
+    ``$CAPI_SCHEMA_PATH`` wins; otherwise the folders above this module are searched for
+    ``include/schemas/`` (works for the editable install and for an Airflow deployment that
+    ships the repository layout).
+
+    :raises SchemaNotFoundError: when neither gives an existing file.
+    """
+    env = os.environ.get(SCHEMA_PATH_ENV)
+    if env:
+        path = Path(env)
+        if not path.is_file():
+            raise SchemaNotFoundError(f"{SCHEMA_PATH_ENV} points to {path}, which is not a file")
+        return path
+    for folder in Path(__file__).resolve().parents:
+        candidate = folder / SCHEMA_RELATIVE_PATH
+        if candidate.is_file():
+            return candidate
+    raise SchemaNotFoundError(
+        f"cannot find {SCHEMA_RELATIVE_PATH} above {Path(__file__).parent}; set {SCHEMA_PATH_ENV}"
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _read_schema(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def load_event_schema(path: str | Path | None = None) -> dict[str, Any]:
+    """Return the event schema as a dict (a private copy: callers may modify it).
+
+    :param path: schema file; default :func:`find_schema_path`.
+    """
+    resolved = Path(path) if path is not None else find_schema_path()
+    return copy.deepcopy(_read_schema(str(resolved.resolve())))
+
+
+def with_custom_events(schema: dict[str, Any]) -> dict[str, Any]:
+    """Copy ``schema`` so that ``event_type`` accepts any custom event name.
+
+    Custom names must match ``$defs/custom_event_type`` (``^[A-Za-z][A-Za-z0-9_]{0,99}$``); all
+    standard names match it too.
+
+    :param schema: the event schema (left unchanged).
+    """
+    derived = copy.deepcopy(schema)
+    derived["properties"]["event_type"] = {"$ref": "#/$defs/custom_event_type"}
+    return derived
+
+
+def _pointer(path: Sequence[Any]) -> str:
+    return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in path)
+
+
+def _label(path: Sequence[Any], record: Any) -> str:
+    """Dotted, human-readable location: ``user_data.partner_id``, ``custom_data[2] (key "value")``."""
+    if not path:
+        return "the record"
+    out = ""
+    node = record
+    for index, part in enumerate(path):
+        if isinstance(part, int):
+            out += f"[{part}]"
+            entry = node[part] if isinstance(node, list) and part < len(node) else None
+            # In the seed's key/value form the index alone says little: name the key.
+            if index == 1 and path[0] == "custom_data" and isinstance(entry, dict):
+                key = entry.get("key")
+                if isinstance(key, str) and 0 < len(key) <= 100:
+                    out += f" (key {json.dumps(key)})"
+        else:
+            out += ("." if out else "") + str(part)
+        if isinstance(node, dict | list):
+            try:
+                node = node[part]
+            except (KeyError, IndexError, TypeError):
+                node = None
+    return out
+
+
+def _field_name(name: str) -> str:
+    # Field names are not personal data, but a garbage key could be huge.
+    return json.dumps(name if len(name) <= 100 else name[:100] + "...")
+
+
+def _expectation(error: ValidationError) -> str | None:
+    node: ValidationError | None = error
+    while node is not None:
+        if isinstance(node.schema, dict) and "x-expect" in node.schema:
+            return node.schema["x-expect"]
+        node = node.parent
+    return None
+
+
+def _code_hint(error: ValidationError) -> str | None:
+    node: ValidationError | None = error
+    while node is not None:
+        if isinstance(node.schema, dict) and "x-code" in node.schema:
+            return node.schema["x-code"]
+        node = node.parent
+    return None
+
+
+def _keyword_sentence(error: ValidationError) -> str:
+    """Fallback wording from the failing keyword and its schema value, never the instance."""
+    keyword, expected = error.validator, error.validator_value
+    if keyword == "type":
+        types = [expected] if isinstance(expected, str) else list(expected)
+        return "must be " + " or ".join(_TYPE_WORDS.get(t, t) for t in types)
+    if keyword == "minLength":
+        return "must not be empty" if expected == 1 else f"must be at least {expected} characters long"
+    if keyword == "maxLength":
+        return f"must be at most {expected} characters long"
+    if keyword in ("minimum", "exclusiveMinimum"):
+        return f"must be {'>=' if keyword == 'minimum' else '>'} {expected}"
+    if keyword in ("maximum", "exclusiveMaximum"):
+        return f"must be {'<=' if keyword == 'maximum' else '<'} {expected}"
+    if keyword == "minItems":
+        return f"must hold at least {expected} item(s)"
+    if keyword == "maxItems":
+        return f"must hold at most {expected} items"
+    if keyword == "maxProperties":
+        return f"must hold at most {expected} keys"
+    if keyword == "enum":
+        if len(expected) <= 8:
+            return "must be one of " + ", ".join(json.dumps(v) for v in expected)
+        return "is not an allowed value"
+    if keyword == "const":
+        return f"must be {json.dumps(expected)}"
+    if keyword == "contains":
+        return "does not contain a required item"
+    if keyword == "propertyNames":
+        return "has a key that is empty or longer than 100 characters"
+    if keyword == "format":
+        return f"must be a valid {expected}"
+    if keyword == "pattern":
+        return "has an invalid format"
+    if keyword in ("anyOf", "oneOf"):
+        return "does not match any allowed form"
+    if keyword == "false":
+        return "is not allowed"
+    return f"is invalid ({keyword})"
+
+
+def _missing_field(error: ValidationError, record: Any) -> Violation:
+    path = list(error.absolute_path)
+    instance = error.instance if isinstance(error.instance, dict) else {}
+    missing = next((name for name in error.validator_value if name not in instance), "")
+    pointer = _pointer([*path, missing])
+    if not path and missing == "app_data":
+        return Violation(
+            "missing_app_id",
+            "/app_data/app_id",
+            "mobile event needs app_data.app_id: user_data carries device ids (idfa/idfv/gaid)",
+        )
+    label = _label([*path, missing], record)
+    if path == ["app_data"] and missing == "app_id":
+        return Violation("missing_app_id", pointer, "app_data.app_id is required for mobile events")
+    return Violation("missing_field", pointer, f"{label} is required")
+
+
+def _unknown_field(error: ValidationError, record: Any) -> Violation:
+    path = list(error.absolute_path)
+    instance = error.instance if isinstance(error.instance, dict) else {}
+    allowed = list((error.schema.get("properties") or {}).keys())
+    extra = next((name for name in instance if name not in allowed), "")
+    where = "top-level field" if not path else f"field in {_label(path, record)}"
+    reason = f"unknown {where} {_field_name(extra)}"
+    close = difflib.get_close_matches(extra, allowed, n=1) if len(extra) <= 100 else []
+    if close:
+        reason += f"; did you mean {json.dumps(close[0])}?"
+    elif allowed:
+        reason += "; allowed: " + ", ".join(allowed)
+    return Violation("unknown_field", _pointer([*path, extra]), reason)
+
+
+def _event_time(error: ValidationError) -> Violation | None:
+    value = error.instance
+    if isinstance(value, int) and not isinstance(value, bool) and _MS_LOW <= value < _MS_HIGH:
+        return Violation(
+            "event_time_milliseconds",
+            "/event_time",
+            f"event_time {value} looks like milliseconds; send Unix seconds (10 digits)",
+        )
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 20:
+        return Violation(
+            "schema", "/event_time", f"event_time must be an integer, not the string {json.dumps(value)}"
+        )
+    return None
+
+
+def _event_type(error: ValidationError) -> Violation:
+    value = error.instance
+    if not isinstance(value, str):
+        return Violation("schema", "/event_type", "event_type must be a string naming a TikTok event")
+    shown = json.dumps(value if len(value) <= 100 else value[:100] + "...")
+    standard = error.validator_value if error.validator == "enum" else []
+    if error.validator != "enum":
+        return Violation(
+            "invalid_event_type", "/event_type", f"event_type {shown} {_expectation(error) or 'is invalid'}"
+        )
+    reason = (
+        f"event_type {shown} is not a TikTok standard web or app event (names are case-sensitive)"
+    )
+    same_but_case = [name for name in standard if name.lower() == value.lower()]
+    if same_but_case:
+        reason += f"; did you mean {json.dumps(same_but_case[0])}?"
+    reason += "; enable allow_custom_events to send custom events"
+    return Violation("unknown_event_type", "/event_type", reason)
+
+
+def violation_from_error(error: ValidationError, record: Any) -> Violation:
+    """Translate one ``jsonschema`` error into a :class:`Violation`.
+
+    :param error: the error chosen by :func:`best_match`.
+    :param record: the validated record (used only for labels such as a custom_data key name).
+    """
+    path = list(error.absolute_path)
+    pointer = _pointer(path)
+    if error.validator == "required":
+        return _missing_field(error, record)
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        return _unknown_field(error, record)
+    if path == ["event_time"]:
+        special = _event_time(error)
+        if special is not None:
+            return special
+    if path == ["event_type"]:
+        return _event_type(error)
+    sentence = _expectation(error) or _keyword_sentence(error)
+    code = _code_hint(error) or "schema"
+    label = _label(path, record)
+    if code == "invalid_currency" and isinstance(error.instance, str) and len(error.instance) <= 16:
+        # Currency codes are public reference data, so quoting the value helps and leaks nothing.
+        return Violation(code, pointer, f"{label} {json.dumps(error.instance)} {sentence} (e.g. \"USD\")")
+    return Violation(code, pointer, f"{label} {sentence}")
+
+
+class EventSchemaValidator:
+    """Validate input records against the event schema.
+
+    :param schema: the event schema; default :func:`load_event_schema`.
+    :param allow_custom_events: accept any ``event_type`` matching
+        ``^[A-Za-z][A-Za-z0-9_]{0,99}$`` instead of only TikTok's standard events.
+    """
+
+    def __init__(self, schema: dict[str, Any] | None = None, *, allow_custom_events: bool = False) -> None:
+        base = schema if schema is not None else load_event_schema()
+        self.schema: dict[str, Any] = with_custom_events(base) if allow_custom_events else base
+        self.allow_custom_events = allow_custom_events
+        self._fast = jsonschema_rs.Draft202012Validator(self.schema, validate_formats=True)
+        self._reference = jsonschema.Draft202012Validator(
+            self.schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+        )
+
+    def validate(self, record: dict[str, Any]) -> Violation | None:
+        """Return the most useful violation of ``record``, or None when it is valid.
+
+        :param record: one parsed input record.
+        """
+        try:
+            if self._fast.is_valid(record):
+                return None
+        except (ValueError, OverflowError, RecursionError):
+            # Values the Rust side cannot represent fall back to the reference validator.
+            pass
+        return self.validate_reference(record)
+
+    def validate_reference(self, record: dict[str, Any]) -> Violation | None:
+        """Like :meth:`validate` but with the reference ``jsonschema`` validator only.
+
+        :param record: one parsed input record.
+        """
+        error = best_match(self._reference.iter_errors(record), key=_RELEVANCE)
+        if error is None:
+            return None
+        return violation_from_error(error, record)

@@ -1,0 +1,114 @@
+"""SQLAlchemy engines for the pipeline's state database (SQLite file or PostgreSQL).
+
+SQLite is the embedded default; several shard tasks may write to one file at once, so it runs
+in WAL mode with a generous busy timeout instead of failing fast with "database is locked".
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Engine, make_url
+
+#: How long an SQLite writer waits for another writer's lock before giving up.
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+#: Execution option that makes an SQLite transaction take the write lock at BEGIN. Needed by
+#: transactions that read before they write: two deferred ones would deadlock on the upgrade
+#: and SQLite fails one at once, without waiting for the busy timeout.
+SQLITE_BEGIN_IMMEDIATE = "capi_sqlite_begin_immediate"
+
+
+class StateDatabaseUnavailable(RuntimeError):
+    """The state database cannot be reached (message names host and database, never secrets)."""
+
+
+def normalise_url(url: str | URL) -> URL:
+    """Return ``url`` as a SQLAlchemy URL, with PostgreSQL routed to the psycopg 3 driver.
+
+    :param url: a SQLAlchemy URL; ``postgres://`` and ``postgresql://`` are accepted.
+    """
+    parsed = make_url(url)
+    if parsed.drivername in ("postgres", "postgresql"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def _on_sqlite_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+    # Hand transaction control to SQLAlchemy's "begin" event (pysqlite's own implicit BEGIN
+    # is emitted late and not at all before DDL).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        # Busy timeout first: switching to WAL itself needs a lock another process may hold.
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+    finally:
+        cursor.close()
+
+
+def _on_sqlite_begin(connection: sa.Connection) -> None:
+    immediate = connection.get_execution_options().get(SQLITE_BEGIN_IMMEDIATE, False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def make_engine(url: str | URL, **kwargs: Any) -> Engine:
+    """Create an engine tuned for the state database.
+
+    :param url: SQLAlchemy URL: ``sqlite:///path/state.db`` or ``postgresql://...``.
+    :param kwargs: passed on to :func:`sqlalchemy.create_engine`.
+    """
+    parsed = normalise_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        kwargs.setdefault("connect_args", {}).setdefault("timeout", SQLITE_BUSY_TIMEOUT_MS / 1000)
+        engine = sa.create_engine(parsed, **kwargs)
+        event.listen(engine, "connect", _on_sqlite_connect)
+        event.listen(engine, "begin", _on_sqlite_begin)
+        return engine
+    if backend == "postgresql":
+        kwargs.setdefault("pool_pre_ping", True)
+    return sa.create_engine(parsed, **kwargs)
+
+
+def describe(engine: Engine) -> str:
+    """Name the database of ``engine`` for messages: backend, host and database, no secrets.
+
+    :param engine: an engine from :func:`make_engine`.
+    """
+    url = engine.url
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        return f"sqlite database {url.database or ':memory:'}"
+    host = url.host or "localhost"
+    if url.port:
+        host = f"{host}:{url.port}"
+    return f"{backend} database {url.database or '?'} on {host}"
+
+
+def _scrub(message: str, url: URL) -> str:
+    if url.password:
+        message = message.replace(str(url.password), "***")
+    return message.strip().splitlines()[0][:300] if message.strip() else ""
+
+
+def check_reachable(engine: Engine) -> None:
+    """Run ``SELECT 1`` or raise :class:`StateDatabaseUnavailable`.
+
+    :param engine: the state database engine.
+    """
+    try:
+        with engine.connect() as connection:
+            connection.execute(sa.text("SELECT 1"))
+    except Exception as exc:
+        detail = _scrub(str(getattr(exc, "orig", None) or exc), engine.url)
+        # "from None": the chained driver error may repeat connection parameters.
+        raise StateDatabaseUnavailable(
+            f"cannot reach the state {describe(engine)}: {type(exc).__name__}"
+            + (f" ({detail})" if detail else "")
+        ) from None

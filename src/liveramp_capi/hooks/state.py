@@ -1,0 +1,106 @@
+"""Airflow hook for the pipeline's state database (the delivery ledger).
+
+The state database is either an SQLite file (the embedded default: the connection's host is
+the file path) or PostgreSQL. The hook only maps the Airflow Connection to a SQLAlchemy URL;
+everything else lives in :mod:`liveramp_capi.domain`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+from airflow.sdk import BaseHook
+from sqlalchemy.engine import Engine
+
+from liveramp_capi.domain.ledger import DeliveryLedger
+from liveramp_capi.domain.statedb import make_engine
+
+_SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+
+
+class CapiStateHook(BaseHook):
+    """Connect to the CAPI pipeline's state database.
+
+    Connection fields: ``host`` is an SQLite file path or a PostgreSQL host, ``schema`` the
+    PostgreSQL database, ``login``/``password``/``port`` as usual. An ``sqlalchemy_url`` in the
+    extra overrides everything.
+
+    :param capi_state_conn_id: the Airflow connection id.
+    """
+
+    conn_name_attr = "capi_state_conn_id"
+    default_conn_name = "capi_state_default"
+    conn_type = "capi_state"
+    hook_name = "CAPI pipeline state database"
+
+    def __init__(self, capi_state_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.capi_state_conn_id = capi_state_conn_id
+        self._engine: Engine | None = None
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        """Relabel the connection form's fields for this connection type."""
+        return {
+            "hidden_fields": [],
+            "relabeling": {"host": "Host or SQLite file path", "schema": "Database"},
+            "placeholders": {
+                "host": "/opt/airflow/state/capi_state.db or db.example.com",
+                "schema": "capi (PostgreSQL only)",
+                "port": "5432 (PostgreSQL only)",
+                "extra": '{"sqlalchemy_url": "postgresql+psycopg://user:pass@host/db"} (optional)',
+            },
+        }
+
+    def sqlalchemy_url(self) -> str:
+        """Return the SQLAlchemy URL the connection describes.
+
+        ``extra.sqlalchemy_url`` wins. Type ``sqlite`` maps to ``sqlite:///<host>``; types
+        ``postgres``/``postgresql`` map to ``postgresql+psycopg://...``; type ``capi_state`` is
+        SQLite when the host looks like a file (absolute path or ``.db`` suffix, no port) and
+        PostgreSQL otherwise.
+        """
+        conn = self.get_connection(self.capi_state_conn_id)
+        explicit = conn.extra_dejson.get("sqlalchemy_url")
+        if explicit:
+            return str(explicit)
+        conn_type = (conn.conn_type or "").lower()
+        host = conn.host or ""
+        if conn_type == "sqlite" or (
+            conn_type in ("capi_state", "") and not conn.port and (host.startswith("/") or host.endswith(_SQLITE_SUFFIXES))
+        ):
+            if not host:
+                raise ValueError(f"connection {self.capi_state_conn_id!r} names no SQLite file path (host)")
+            return f"sqlite:///{host}"
+        if conn_type in ("postgres", "postgresql", "capi_state", ""):
+            if not host:
+                raise ValueError(f"connection {self.capi_state_conn_id!r} names no database host")
+            credentials = ""
+            if conn.login:
+                credentials = quote(conn.login, safe="")
+                if conn.password:
+                    credentials += ":" + quote(conn.password, safe="")
+                credentials += "@"
+            port = f":{conn.port}" if conn.port else ""
+            database = quote(conn.schema or "", safe="")
+            return f"postgresql+psycopg://{credentials}{host}{port}/{database}"
+        raise ValueError(
+            f"connection {self.capi_state_conn_id!r} has type {conn_type!r}; expected capi_state, sqlite or postgres"
+        )
+
+    def get_engine(self) -> Engine:
+        """Return the state database engine (created once per hook)."""
+        if self._engine is None:
+            self._engine = make_engine(self.sqlalchemy_url())
+        return self._engine
+
+    def get_ledger(self) -> DeliveryLedger:
+        """Return the delivery ledger, its schema created if missing."""
+        ledger = DeliveryLedger(self.get_engine())
+        ledger.ensure_schema()
+        return ledger
+
+    def get_conn(self) -> Engine:
+        """Return the engine (Airflow's generic accessor)."""
+        return self.get_engine()

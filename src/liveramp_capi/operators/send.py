@@ -1,0 +1,212 @@
+"""Send: one shard of a partition's sessions delivered to the CAPI adapter, through the ledger."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+#: How many batches are marked in flight, and how many outcomes are written, per ledger call.
+#: Larger groups mean fewer round trips; a crash leaves at most this many batches "in flight"
+#: beyond the requests that really were on the wire.
+_LEDGER_GROUP = 256
+
+
+class SendConversionsOperator(BaseOperator):
+    """Deliver one session shard of a partition to LiveRamp's ATS Conversions API adapter.
+
+    The shard's events are grouped into sessions (``session_id``, or the same envelope and
+    device ids with an inactivity gap), cut into batches of at most ``max_batch_events`` and
+    sent with many requests in flight. The delivery ledger (connection ``capi_state_default``)
+    decides what is sent: events of batches acknowledged by an earlier run are skipped, so a
+    rerun sends only the remainder. Every batch is tried; the task then fails if any batch
+    failed for good, listing them in ``failed.jsonl``.
+
+    :param shard: the shard index (mapped from the validate step).
+    :param partition: the partition, ``YYYY-MM-DD`` (templated).
+    :param landing_root: URL of the landing root (templated; used only to check the partition).
+    :param output_root: URL of the output root (templated).
+    :param liveramp_capi_conn_id: the CAPI adapter connection.
+    :param capi_state_conn_id: the state database connection.
+    :param session_gap_seconds: inactivity that ends an envelope-keyed session.
+    :param max_batch_events: overrides the connection's ``max_batch_events`` (1..1000).
+    """
+
+    template_fields: Sequence[str] = ("partition", "landing_root", "output_root")
+    ui_color = "#e6f4ea"
+
+    def __init__(
+        self,
+        *,
+        shard: int,
+        partition: str,
+        landing_root: str,
+        output_root: str,
+        liveramp_capi_conn_id: str = "liveramp_capi_default",
+        capi_state_conn_id: str = "capi_state_default",
+        session_gap_seconds: int = 1800,
+        max_batch_events: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.shard = shard
+        self.partition = partition
+        self.landing_root = landing_root
+        self.output_root = output_root
+        self.liveramp_capi_conn_id = liveramp_capi_conn_id
+        self.capi_state_conn_id = capi_state_conn_id
+        self.session_gap_seconds = session_gap_seconds
+        self.max_batch_events = max_batch_events
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        import orjson
+
+        from liveramp_capi.domain.batches import Batch, cut_batches
+        from liveramp_capi.domain.partition import InvalidPartition, InvalidRoot
+        from liveramp_capi.domain.sessions import Session, read_shard, sessionise
+        from liveramp_capi.domain.statedb import StateDatabaseUnavailable, check_reachable
+        from liveramp_capi.hooks.capi import LiveRampCapiHook
+        from liveramp_capi.hooks.state import CapiStateHook
+        from liveramp_capi.storage import PartitionStorage
+
+        shard = int(self.shard)
+        try:
+            storage = PartitionStorage(self.landing_root, self.output_root, self.partition)
+        except (InvalidPartition, InvalidRoot) as err:
+            raise AirflowFailException(str(err)) from None
+        partition, layout = storage.partition, storage.layout
+        run_id = f"{context['run_id']}#{context['ti'].try_number}"
+
+        # Nothing is sent without a ledger: an unreachable state database stops the task here.
+        state = CapiStateHook(capi_state_conn_id=self.capi_state_conn_id)
+        try:
+            check_reachable(state.get_engine())
+            ledger = state.get_ledger()
+        except StateDatabaseUnavailable as err:
+            raise AirflowException(f"state database unavailable, nothing sent: {err}") from None
+
+        capi = LiveRampCapiHook(liveramp_capi_conn_id=self.liveramp_capi_conn_id)
+        settings = capi.get_settings()
+        max_events = int(self.max_batch_events or settings.max_batch_events)
+
+        shard_count = int(storage.read_json(layout.validation)["shard_count"])
+        # A result or failure list from an earlier try must not be counted for this one.
+        for stale in (layout.result(shard), layout.failed_part(shard)):
+            if storage.exists(stale):
+                (storage.output_dir / stale).unlink()
+
+        acknowledged = ledger.acknowledged_event_ids(partition, shard, shard_count)
+        unknown_outcome = ledger.unresolved_batches(partition, shard, shard_count)
+        if unknown_outcome:
+            self.log.warning(
+                "Shard %d: %d batches were in flight when an earlier try stopped; their outcome is unknown, "
+                "so they are sent again (TikTok deduplicates event_id within 48 hours)",
+                shard,
+                len(unknown_outcome),
+            )
+        with storage.output(layout.shard(shard)).open("rb") as stream:
+            sessions = list(sessionise(read_shard(stream), gap_seconds=self.session_gap_seconds))
+
+        counts: Counter[str] = Counter(
+            sessions=len(sessions), unknown_outcome_batches=len(unknown_outcome)
+        )
+        pending_acks: list[tuple[Batch, int]] = []
+        failures: list[tuple[Batch, int, int | None, str]] = []
+        failed_lines: list[bytes] = []
+
+        def batches() -> Iterator[Batch]:
+            group: list[Batch] = []
+            for session in sessions:
+                counts["events"] += len(session.entries)
+                remaining = [e for e in session.entries if e.event_id not in acknowledged]
+                counts["previously_delivered_events"] += len(session.entries) - len(remaining)
+                if not remaining:
+                    continue
+                todo = session if len(remaining) == len(session.entries) else Session(
+                    session.key, session.key_hash, remaining
+                )
+                for batch in cut_batches(todo, partition=partition, max_events=max_events):
+                    group.append(batch)
+                    if len(group) >= _LEDGER_GROUP:
+                        yield from _in_flight(group)
+                        group = []
+            if group:
+                yield from _in_flight(group)
+
+        def _in_flight(group: list[Batch]) -> Iterator[Batch]:
+            ledger.mark_in_flight(partition, group, run_id)
+            counts["batches"] += len(group)
+            yield from group
+
+        def on_outcome(batch: Any, outcome: Any) -> None:
+            if outcome.acknowledged:
+                pending_acks.append((batch, outcome.attempts))
+                counts["delivered_events"] += batch.event_count
+                if len(pending_acks) >= _LEDGER_GROUP:
+                    ledger.record_acknowledged(partition, pending_acks, run_id)
+                    pending_acks.clear()
+                return
+            counts["failed_batches"] += 1
+            counts["permanently_failed_batches"] += int(bool(outcome.permanent))
+            counts["failed_events"] += batch.event_count
+            failures.append((batch, outcome.attempts, outcome.status, outcome.error or "failed"))
+            failed_lines.append(
+                orjson.dumps(
+                    {
+                        "partition": partition,
+                        "shard": shard,
+                        "batch_id": batch.batch_id,
+                        "event_count": batch.event_count,
+                        "event_ids": list(batch.event_ids),
+                        "http_status": outcome.status,
+                        "error": outcome.error,
+                        "permanent": outcome.permanent,
+                        "attempts": outcome.attempts,
+                        "response_excerpt": outcome.response_excerpt,
+                    }
+                )
+            )
+
+        stats = capi.send_batches(batches(), on_outcome)
+        if pending_acks:
+            ledger.record_acknowledged(partition, pending_acks, run_id)
+        if failures:
+            ledger.record_failed(partition, failures, run_id)
+            with storage.open_output(layout.failed_part(shard)) as out:
+                out.write(b"\n".join(failed_lines) + b"\n")
+        counts["batches_sent"] = counts["batches"]
+        counts["requests"] = int(getattr(stats, "requests", 0))
+        counts["retries"] = int(getattr(stats, "retries", 0))
+
+        result = {"shard": shard, "partition": partition, **{k: int(v) for k, v in counts.items()}}
+        storage.write_json(layout.result(shard), result)
+        self.log.info(
+            "Shard %d: %d sessions, %d batches sent, %d events delivered now, %d delivered earlier, "
+            "%d events in %d failed batches, %d requests, %d retries",
+            shard,
+            counts["sessions"],
+            counts["batches"],
+            counts["delivered_events"],
+            counts["previously_delivered_events"],
+            counts["failed_events"],
+            counts["failed_batches"],
+            counts["requests"],
+            counts["retries"],
+        )
+        if failures:
+            reasons = Counter(error for _, _, _, error in failures)
+            summary = ", ".join(f"{reason} x{n}" for reason, n in reasons.most_common(5))
+            message = (
+                f"shard {shard}: {len(failures)} batches ({counts['failed_events']} events) failed for good "
+                f"({summary}); the rest was delivered. See {layout.folder}/{layout.failed}; "
+                "a rerun sends only what was not acknowledged."
+            )
+            # A permanent refusal (4xx) will not heal by retrying the task; exhausted retries may.
+            if counts["permanently_failed_batches"] == len(failures):
+                raise AirflowFailException(message)
+            raise AirflowException(message)
+        return result
+
