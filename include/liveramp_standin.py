@@ -96,7 +96,9 @@ def _validate_config(update: dict[str, Any]) -> dict[str, Any]:
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
+    return web.Response(
+        body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
+    )
 
 
 def _refreshed_envelope(iv: str) -> str:
@@ -136,7 +138,7 @@ class StandIn:
         self.config.update(_validate_config(config))
         self.rng = random.Random(self.config["seed"])
         self.record_path = record_file
-        self.record_fh = open(record_file, "ab") if record_file else None  # noqa: SIM115
+        self.record_fh = open(record_file, "ab") if record_file else None
         self._reset_records()
 
     def _reset_records(self) -> None:
@@ -310,7 +312,12 @@ class StandIn:
             return _json(
                 {
                     "envelopes": [
-                        {"type": 19, "source": "envelopeLiveramp", "value": None, "err": "envelope refresh failed"},
+                        {
+                            "type": 19,
+                            "source": "envelopeLiveramp",
+                            "value": None,
+                            "err": "envelope refresh failed",
+                        },
                         {"type": 25, "source": "pairIds", "value": None, "err": "envelope refresh failed"},
                     ]
                 }
@@ -431,10 +438,19 @@ def _parse_status_map(text: str) -> dict[str, int]:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Local stand-in of LiveRamp's CAPI and envelope refresh APIs.")
+    parser = argparse.ArgumentParser(
+        description="Local stand-in of LiveRamp's CAPI and envelope refresh APIs."
+    )
     parser.add_argument("--port", type=int, default=8099, help="TCP port; 0 picks a free one")
-    parser.add_argument("--host", default="127.0.0.1", help="loopback address to bind (only loopback allowed)")
-    parser.add_argument("--config-id", action="append", dest="config_ids", help="accepted ATS configuration ID (repeatable; default cfg-1)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="loopback address to bind (only loopback allowed)"
+    )
+    parser.add_argument(
+        "--config-id",
+        action="append",
+        dest="config_ids",
+        help="accepted ATS configuration ID (repeatable; default cfg-1)",
+    )
     parser.add_argument("--latency-ms", type=float)
     parser.add_argument("--error-rate", type=float)
     parser.add_argument("--throttle-rate", type=float)
@@ -446,9 +462,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rate-limit-rps", type=float)
     parser.add_argument("--reject-event-ids", help="comma-separated event ids whose batch gets 400")
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--refresh-err-ivs", help="comma-separated envelope values answered with an err entry")
-    parser.add_argument("--refresh-status-by-iv", type=_parse_status_map, help="iv=status,... or a JSON object")
-    parser.add_argument("--no-keep-in-memory", action="store_true", help="do not keep batches for /_standin/received")
+    parser.add_argument(
+        "--refresh-err-ivs", help="comma-separated envelope values answered with an err entry"
+    )
+    parser.add_argument(
+        "--refresh-status-by-iv", type=_parse_status_map, help="iv=status,... or a JSON object"
+    )
+    parser.add_argument(
+        "--no-keep-in-memory", action="store_true", help="do not keep batches for /_standin/received"
+    )
     parser.add_argument("--config-json", type=orjson.loads, help="JSON object merged into the config first")
     parser.add_argument("--record-file", help="append every accepted batch to this file as one JSON line")
     return parser.parse_args(argv)
@@ -505,7 +527,10 @@ async def _serve(args: argparse.Namespace, standin: StandIn) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     if not _loopback_bind_host(args.host):
-        print(f"liveramp-standin: refusing to bind {args.host!r}: only loopback addresses are allowed", file=sys.stderr)
+        print(
+            f"liveramp-standin: refusing to bind {args.host!r}: only loopback addresses are allowed",
+            file=sys.stderr,
+        )
         return 2
     try:
         standin = StandIn(_config_from_args(args), args.record_file)

@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from standin_fixture import StandInProcess, running_standin  # noqa: E402
+from standin_fixture import StandInProcess, running_standin
 
 
 @pytest.fixture

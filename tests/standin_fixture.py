@@ -104,7 +104,9 @@ def _wait_ready(process: subprocess.Popen[bytes], stderr_path: str, timeout: flo
 
 
 @contextlib.contextmanager
-def running_standin(*args: str, config_id: str = DEFAULT_CONFIG_ID, timeout: float = 30.0) -> Iterator[StandInProcess]:
+def running_standin(
+    *args: str, config_id: str = DEFAULT_CONFIG_ID, timeout: float = 30.0
+) -> Iterator[StandInProcess]:
     """
     Start the stand-in on ``127.0.0.1`` with a free port, yield a handle, terminate it afterwards.
 
@@ -112,8 +114,18 @@ def running_standin(*args: str, config_id: str = DEFAULT_CONFIG_ID, timeout: flo
     :param config_id: the configuration ID it accepts.
     :param timeout: seconds to wait for the ready line.
     """
-    stderr_file = tempfile.NamedTemporaryFile(prefix="standin-", suffix=".log", delete=False)  # noqa: SIM115
-    command = [sys.executable, str(STANDIN_SCRIPT), "--host", "127.0.0.1", "--port", "0", "--config-id", config_id, *args]
+    stderr_file = tempfile.NamedTemporaryFile(prefix="standin-", suffix=".log", delete=False)
+    command = [
+        sys.executable,
+        str(STANDIN_SCRIPT),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--config-id",
+        config_id,
+        *args,
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr_file, stdin=subprocess.DEVNULL)
     try:
         url = _wait_ready(process, stderr_file.name, timeout)

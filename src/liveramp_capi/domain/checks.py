@@ -73,7 +73,9 @@ class DuplicateEventIds:
 
         :param event_id: the event's id.
         """
-        digest = int.from_bytes(hashlib.blake2b(event_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+        digest = int.from_bytes(
+            hashlib.blake2b(event_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big"
+        )
         if digest in self._seen:
             return True
         self._seen.add(digest)

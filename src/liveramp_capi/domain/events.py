@@ -22,7 +22,9 @@ def pipeline_fields(schema: dict[str, Any]) -> frozenset[str]:
     """
     properties = schema.get("properties", {})
     return frozenset(
-        name for name, sub in properties.items() if isinstance(sub, dict) and sub.get("x-pipeline-only") is True
+        name
+        for name, sub in properties.items()
+        if isinstance(sub, dict) and sub.get("x-pipeline-only") is True
     )
 
 

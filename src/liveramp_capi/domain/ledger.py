@@ -375,15 +375,21 @@ class DeliveryLedger:
             for batch, attempts, http_status, error in _unique_sorted(failures, lambda item: item[0])
         ]
         table = ledger_table
+        acknowledged = table.c.state == ACKNOWLEDGED
+
+        def keep_if_acknowledged(column: sa.Column[Any], new: Any) -> sa.ColumnElement[Any]:
+            return sa.case((acknowledged, column), else_=new)
+
+        # Not a WHERE guard: the requests a late failure made still count in ``attempts``.
         self._upsert(
             rows,
             lambda excluded: {
-                "state": excluded.state,
+                "state": keep_if_acknowledged(table.c.state, excluded.state),
                 "attempts": table.c.attempts + excluded.attempts,
-                "http_status": excluded.http_status,
-                "error": excluded.error,
-                "run_id": excluded.run_id,
+                "http_status": keep_if_acknowledged(table.c.http_status, excluded.http_status),
+                "error": keep_if_acknowledged(table.c.error, excluded.error),
+                "run_id": keep_if_acknowledged(table.c.run_id, excluded.run_id),
                 "updated_at": excluded.updated_at,
             },
-            guard=True,
+            guard=False,
         )

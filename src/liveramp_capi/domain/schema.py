@@ -110,27 +110,24 @@ def _pointer(path: Sequence[Any]) -> str:
 
 
 def _label(path: Sequence[Any], record: Any) -> str:
-    """Dotted, human-readable location: ``user_data.partner_id``, ``custom_data[2] (key "value")``."""
+    """Dotted, human-readable location: ``user_data.partner_id``, ``custom_data "value"``."""
     if not path:
         return "the record"
+    parts = list(path)
     out = ""
-    node = record
-    for index, part in enumerate(path):
+    # In the seed's key/value form an index says little: name the entry by its key instead.
+    if len(parts) >= 3 and parts[0] == "custom_data" and isinstance(parts[1], int) and parts[2] == "value":
+        custom = record.get("custom_data") if isinstance(record, dict) else None
+        entry = custom[parts[1]] if isinstance(custom, list) and parts[1] < len(custom) else None
+        key = entry.get("key") if isinstance(entry, dict) else None
+        if isinstance(key, str) and 0 < len(key) <= 100:
+            out = f"custom_data {json.dumps(key)}"
+            parts = parts[3:]
+    for part in parts:
         if isinstance(part, int):
             out += f"[{part}]"
-            entry = node[part] if isinstance(node, list) and part < len(node) else None
-            # In the seed's key/value form the index alone says little: name the key.
-            if index == 1 and path[0] == "custom_data" and isinstance(entry, dict):
-                key = entry.get("key")
-                if isinstance(key, str) and 0 < len(key) <= 100:
-                    out += f" (key {json.dumps(key)})"
         else:
             out += ("." if out else "") + str(part)
-        if isinstance(node, dict | list):
-            try:
-                node = node[part]
-            except (KeyError, IndexError, TypeError):
-                node = None
     return out
 
 
@@ -255,9 +252,7 @@ def _event_type(error: ValidationError) -> Violation:
         return Violation(
             "invalid_event_type", "/event_type", f"event_type {shown} {_expectation(error) or 'is invalid'}"
         )
-    reason = (
-        f"event_type {shown} is not a TikTok standard web or app event (names are case-sensitive)"
-    )
+    reason = f"event_type {shown} is not a TikTok standard web or app event (names are case-sensitive)"
     same_but_case = [name for name in standard if name.lower() == value.lower()]
     if same_but_case:
         reason += f"; did you mean {json.dumps(same_but_case[0])}?"
@@ -288,7 +283,11 @@ def violation_from_error(error: ValidationError, record: Any) -> Violation:
     label = _label(path, record)
     if code == "invalid_currency" and isinstance(error.instance, str) and len(error.instance) <= 16:
         # Currency codes are public reference data, so quoting the value helps and leaks nothing.
-        return Violation(code, pointer, f"{label} {json.dumps(error.instance)} {sentence} (e.g. \"USD\")")
+        return Violation(
+            code,
+            pointer,
+            f'{label}: {json.dumps(error.instance)} is not an ISO 4217 currency code (e.g. "USD")',
+        )
     return Violation(code, pointer, f"{label} {sentence}")
 
 
@@ -327,7 +326,10 @@ class EventSchemaValidator:
 
         :param record: one parsed input record.
         """
-        error = best_match(self._reference.iter_errors(record), key=_RELEVANCE)
+        try:
+            error = best_match(self._reference.iter_errors(record), key=_RELEVANCE)
+        except RecursionError:
+            return Violation("too_deeply_nested", "", "record is nested too deeply to validate")
         if error is None:
             return None
         return violation_from_error(error, record)
