@@ -253,7 +253,7 @@ class BatchSender:
         connector = aiohttp.TCPConnector(
             limit=settings.concurrency,
             limit_per_host=settings.concurrency,
-            ssl=True if settings.verify_tls else False,
+            ssl=settings.verify_tls,  # True: default certificate verification
         )
         limiter = RateLimiter(settings.max_requests_per_second, sleep=self._sleep)
         started = time.perf_counter()
