@@ -91,8 +91,12 @@ def test_batch_id_distinguishes_events_sharing_an_id() -> None:
 
 def test_batch_id_is_unambiguous_about_separators() -> None:
     body = b"{}"
-    assert batch_id_for(PARTITION, "s:a", ("x\x1fy",), body) != batch_id_for(PARTITION, "s:a", ("x", "y"), body)
-    assert batch_id_for(PARTITION, "s:a\x1fx", ("y",), body) != batch_id_for(PARTITION, "s:a", ("x\x1fy",), body)
+    assert batch_id_for(PARTITION, "s:a", ("x\x1fy",), body) != batch_id_for(
+        PARTITION, "s:a", ("x", "y"), body
+    )
+    assert batch_id_for(PARTITION, "s:a\x1fx", ("y",), body) != batch_id_for(
+        PARTITION, "s:a", ("x\x1fy",), body
+    )
 
 
 def test_batch_is_frozen() -> None:

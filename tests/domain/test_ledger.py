@@ -61,7 +61,7 @@ def pg_database_factory() -> Iterator[Callable[[], str]]:
     created: list[str] = []
 
     def create() -> str:
-        name = f"capi_test_{uuid.uuid4().hex[:12]}"
+        name = f"capi_ledgertest_{uuid.uuid4().hex[:12]}"
         with admin.connect() as connection:
             connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
         created.append(name)
@@ -113,7 +113,9 @@ def ledger(db_url: str) -> Iterator[DeliveryLedger]:
     engine.dispose()
 
 
-def make_batches(sessions: int, events_per_session: int = 3, max_events: int = 2, prefix: str = "s") -> list[Batch]:
+def make_batches(
+    sessions: int, events_per_session: int = 3, max_events: int = 2, prefix: str = "s"
+) -> list[Batch]:
     batches: list[Batch] = []
     for number in range(sessions):
         key = f"s:{prefix}{number}"
@@ -152,9 +154,14 @@ def test_ensure_schema_is_idempotent_and_versioned(fresh_db_url: str) -> None:
     assert {"capi_delivery_ledger", "capi_schema_version"} <= set(inspector.get_table_names())
     index_columns = [ix["column_names"] for ix in inspector.get_indexes("capi_delivery_ledger")]
     assert ["partition", "state"] in index_columns
-    assert inspector.get_pk_constraint("capi_delivery_ledger")["constrained_columns"] == ["partition", "batch_id"]
+    assert inspector.get_pk_constraint("capi_delivery_ledger")["constrained_columns"] == [
+        "partition",
+        "batch_id",
+    ]
     with engine.connect() as connection:
-        versions = connection.execute(sa.select(schema_version_table.c.component, schema_version_table.c.version)).all()
+        versions = connection.execute(
+            sa.select(schema_version_table.c.component, schema_version_table.c.version)
+        ).all()
     assert versions == [(SCHEMA_COMPONENT, SCHEMA_VERSION)]
     engine.dispose()
 
@@ -187,7 +194,9 @@ def test_ensure_schema_from_many_processes_at_once(fresh_db_url: str) -> None:
     assert [p.returncode for p in processes] == [0] * 6, errors
     engine = make_engine(fresh_db_url)
     with engine.connect() as connection:
-        assert connection.execute(sa.select(sa.func.count()).select_from(schema_version_table)).scalar_one() == 1
+        assert (
+            connection.execute(sa.select(sa.func.count()).select_from(schema_version_table)).scalar_one() == 1
+        )
     engine.dispose()
 
 
@@ -283,6 +292,7 @@ def test_rerun_after_crash(ledger: DeliveryLedger) -> None:
     ledger.record_acknowledged("2026-11-21", [(b, 1) for b in batches], "other")
 
     for shard in range(shard_count):
+
         def mine(items: list[Batch], shard: int = shard) -> list[Batch]:
             return [b for b in items if b.session_key_hash % shard_count == shard]
 
@@ -301,7 +311,9 @@ def test_rerun_after_crash(ledger: DeliveryLedger) -> None:
     assert counts[ACKNOWLEDGED]["batches"] == len(acked) + len(unknown)
     assert counts[FAILED] == {"batches": len(failed), "events": sum(b.event_count for b in failed)}
     assert counts[IN_FLIGHT] == {"batches": 0, "events": 0}
-    assert ledger.partition_counts("1999-01-01") == {s: {"batches": 0, "events": 0} for s in (IN_FLIGHT, ACKNOWLEDGED, FAILED)}
+    assert ledger.partition_counts("1999-01-01") == {
+        s: {"batches": 0, "events": 0} for s in (IN_FLIGHT, ACKNOWLEDGED, FAILED)
+    }
 
 
 def test_shard_filter_with_extreme_hashes(ledger: DeliveryLedger) -> None:
@@ -322,7 +334,7 @@ def test_two_writers_at_once(db_url: str) -> None:
     only_failed = batches[160:200]  # B only fails these
     only_in_flight = batches[200:]  # A marks these and "dies"
     chunk = 10
-    barrier = threading.Barrier(2)
+    barrier = threading.Barrier(2, timeout=60)
     errors: list[BaseException] = []
 
     def chunks(items: list[Batch]) -> list[list[Batch]]:
@@ -340,6 +352,7 @@ def test_two_writers_at_once(db_url: str) -> None:
             ledger.mark_in_flight(P, only_in_flight, "A")
         except BaseException as exc:
             errors.append(exc)
+            barrier.abort()
         finally:
             engine.dispose()
 
@@ -352,10 +365,13 @@ def test_two_writers_at_once(db_url: str) -> None:
             # Opposite order, so both writers collide on the same rows from both ends.
             for group in reversed(chunks(list(reversed(both[40:])) + only_failed)):
                 ledger.mark_in_flight(P, group, "B")
-                ledger.record_failed(P, [(b, 1, 500, "HTTP 500") for b in group if b in both[40:80] or b in only_failed], "B")
+                ledger.record_failed(
+                    P, [(b, 1, 500, "HTTP 500") for b in group if b in both[40:80] or b in only_failed], "B"
+                )
                 ledger.record_acknowledged(P, [(b, 1) for b in group if b in both[80:]], "B")
         except BaseException as exc:
             errors.append(exc)
+            barrier.abort()
         finally:
             engine.dispose()
 
@@ -397,15 +413,24 @@ def test_thousand_row_upserts_are_fast(ledger: DeliveryLedger, capsys: pytest.Ca
     timings = {}
     for name, call in (
         ("mark_in_flight", lambda: ledger.mark_in_flight(P, batches, "run")),
-        ("record_acknowledged", lambda: ledger.record_acknowledged(P, [(b, 1) for b in batches[:500]], "run")),
-        ("record_failed", lambda: ledger.record_failed(P, [(b, 2, 503, "HTTP 503") for b in batches[500:]], "run")),
+        (
+            "record_acknowledged",
+            lambda: ledger.record_acknowledged(P, [(b, 1) for b in batches[:500]], "run"),
+        ),
+        (
+            "record_failed",
+            lambda: ledger.record_failed(P, [(b, 2, 503, "HTTP 503") for b in batches[500:]], "run"),
+        ),
         ("acknowledged_event_ids", lambda: ledger.acknowledged_event_ids(P, 0, 1)),
     ):
         started = time.perf_counter()
         call()
         timings[name] = (time.perf_counter() - started) * 1000
     with capsys.disabled():
-        print(f"\n[ledger {ledger.dialect}] 1000 rows: " + ", ".join(f"{k} {v:.1f} ms" for k, v in timings.items()))
+        print(
+            f"\n[ledger {ledger.dialect}] 1000 rows: "
+            + ", ".join(f"{k} {v:.1f} ms" for k, v in timings.items())
+        )
     assert ledger.partition_counts(P)[ACKNOWLEDGED]["batches"] == 500
     # Generous bound: catches a row-per-transaction regression, not a slow machine.
     assert timings["mark_in_flight"] < 5000

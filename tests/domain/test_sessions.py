@@ -38,7 +38,9 @@ class KeptBytesIO(io.BytesIO):
         super().close()
 
 
-def spill(records: list[tuple[str, int, str, dict]], shard_count: int) -> tuple[list[KeptBytesIO], ShardWriter]:
+def spill(
+    records: list[tuple[str, int, str, dict]], shard_count: int
+) -> tuple[list[KeptBytesIO], ShardWriter]:
     streams = [KeptBytesIO() for _ in range(shard_count)]
     with ShardWriter(shard_count, lambda i: streams[i]) as writer:
         for key, event_time, event_id, event in records:
@@ -119,7 +121,9 @@ def test_shard_round_trip_with_control_characters() -> None:
     data = streams[shard].kept
     assert data.count(b"\n") == 1 and data.endswith(b"\n")
     [entry] = list(read_shard(io.BytesIO(data)))
-    assert entry == ShardEntry(tricky_key, key_hash(tricky_key), 1_714_692_283, tricky_id, 0, None, orjson.dumps(event))
+    assert entry == ShardEntry(
+        tricky_key, key_hash(tricky_key), 1_714_692_283, tricky_id, 0, None, orjson.dumps(event)
+    )
     assert orjson.loads(entry.event_json) == event
     assert all(stream.kept == b"" for i, stream in enumerate(streams) if i != shard)
 
@@ -325,7 +329,9 @@ def test_throughput_sanity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     started = time.perf_counter()
     with ShardWriter(shard_count, lambda i: paths[i].open("wb")) as writer:
         for event in events:
-            writer.write(session_grouping_key(event, None), event["event_time"], event["event_id"], None, event)
+            writer.write(
+                session_grouping_key(event, None), event["event_time"], event["event_id"], None, event
+            )
     written = time.perf_counter()
     batches = 0
     entries_read = 0

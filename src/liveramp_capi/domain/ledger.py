@@ -58,7 +58,9 @@ ledger_table = sa.Table(
     sa.Column("first_sent_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("acknowledged_at", sa.DateTime(timezone=True), nullable=True),
-    sa.CheckConstraint(f"state IN ('{IN_FLIGHT}', '{ACKNOWLEDGED}', '{FAILED}')", name="ck_capi_ledger_state"),
+    sa.CheckConstraint(
+        f"state IN ('{IN_FLIGHT}', '{ACKNOWLEDGED}', '{FAILED}')", name="ck_capi_ledger_state"
+    ),
     sa.Index("ix_capi_delivery_ledger_partition_state", "partition", "state"),
 )
 
@@ -71,7 +73,9 @@ schema_version_table = sa.Table(
 )
 
 # Serialises schema creation between processes on PostgreSQL (any stable 63-bit constant).
-_SCHEMA_LOCK_KEY = int.from_bytes(hashlib.blake2b(b"liveramp_capi.schema", digest_size=8).digest(), "big") >> 1
+_SCHEMA_LOCK_KEY = (
+    int.from_bytes(hashlib.blake2b(b"liveramp_capi.schema", digest_size=8).digest(), "big") >> 1
+)
 
 # PostgreSQL: deadlock / serialization failure. Rows are written in batch_id order so two
 # writers lock them in the same order, but a retry keeps a rare abort from failing a task.
@@ -182,7 +186,9 @@ class DeliveryLedger:
 
     # -- reads ----------------------------------------------------------------------------
 
-    def _shard_filter(self, partition: str, shard: int, shard_count: int, state: str) -> sa.ColumnElement[bool]:
+    def _shard_filter(
+        self, partition: str, shard: int, shard_count: int, state: str
+    ) -> sa.ColumnElement[bool]:
         if shard_count < 1 or not 0 <= shard < shard_count:
             raise ValueError("shard must be in 0..shard_count-1")
         table = ledger_table
@@ -253,7 +259,9 @@ class DeliveryLedger:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def _row(self, partition: str, batch: Batch, state: str, now: dt.datetime, **values: Any) -> dict[str, Any]:
+    def _row(
+        self, partition: str, batch: Batch, state: str, now: dt.datetime, **values: Any
+    ) -> dict[str, Any]:
         row = {
             "partition": partition,
             "batch_id": batch.batch_id,

@@ -6,7 +6,9 @@ in WAL mode with a generous busy timeout instead of failing fast with "database 
 
 from __future__ import annotations
 
+import random
 import sqlite3
+import time
 from typing import Any
 
 import sqlalchemy as sa
@@ -37,6 +39,23 @@ def normalise_url(url: str | URL) -> URL:
     return parsed
 
 
+def _switch_to_wal(cursor: sqlite3.Cursor) -> None:
+    # WAL is persistent in the file: usually there is nothing to do. When several processes
+    # open a new file at once the switch can fail with "database is locked" without the
+    # busy handler ever running, so it is retried here for up to the busy timeout.
+    if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+        return
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01 + random.random() * 0.04)
+
+
 def _on_sqlite_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
     # Hand transaction control to SQLAlchemy's "begin" event (pysqlite's own implicit BEGIN
     # is emitted late and not at all before DDL).
@@ -45,7 +64,7 @@ def _on_sqlite_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> No
     try:
         # Busy timeout first: switching to WAL itself needs a lock another process may hold.
         cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA journal_mode = WAL")
+        _switch_to_wal(cursor)
         cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.execute("PRAGMA foreign_keys = ON")
     finally:

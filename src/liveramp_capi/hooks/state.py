@@ -68,7 +68,9 @@ class CapiStateHook(BaseHook):
         conn_type = (conn.conn_type or "").lower()
         host = conn.host or ""
         if conn_type == "sqlite" or (
-            conn_type in ("capi_state", "") and not conn.port and (host.startswith("/") or host.endswith(_SQLITE_SUFFIXES))
+            conn_type in ("capi_state", "")
+            and not conn.port
+            and (host.startswith("/") or host.endswith(_SQLITE_SUFFIXES))
         ):
             if not host:
                 raise ValueError(f"connection {self.capi_state_conn_id!r} names no SQLite file path (host)")
