@@ -62,7 +62,7 @@ def _environment(port: int) -> dict[str, str]:
 
 
 def _standin_stats(port: int) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_standin/stats", timeout=5) as response:  # noqa: S310
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_standin/stats", timeout=5) as response:
         return json.loads(response.read())
 
 

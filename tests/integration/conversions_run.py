@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from sample_partition import SAMPLE_DIR
 
 #: Records of the sample partition that validation must reject, by event_id (the truncated
@@ -40,13 +39,13 @@ def sample_valid_event_ids() -> set[str]:
     return ids - SAMPLE_REJECTED_IDS
 
 
-def configure_pipeline(monkeypatch: pytest.MonkeyPatch, root: Path, standin_url: str, **extra: Any) -> None:
+def configure_pipeline(monkeypatch: pytest.MonkeyPatch, root: Path, standin: Any, **extra: Any) -> None:
     """Point the DAG at a stand-in, a SQLite state DB and local landing/output roots under ``root``."""
     capi_extra = {"concurrency": 16, "timeout_seconds": 3, "max_attempts": 3, "backoff_base_seconds": 0.05,
                   "backoff_max_seconds": 0.2, **extra}
     monkeypatch.setenv(
         "AIRFLOW_CONN_LIVERAMP_CAPI_DEFAULT",
-        json.dumps({"conn_type": "liveramp_capi", "host": standin_url, "password": "cfg-test", "extra": capi_extra}),
+        json.dumps({"conn_type": "liveramp_capi", "host": standin.url, "password": standin.config_id, "extra": capi_extra}),
     )
     monkeypatch.setenv(
         "AIRFLOW_CONN_CAPI_STATE_DEFAULT", json.dumps({"conn_type": "sqlite", "host": str(root / "state.db")})
@@ -59,7 +58,6 @@ def configure_pipeline(monkeypatch: pytest.MonkeyPatch, root: Path, standin_url:
 def run_conversions(partition: str) -> str:
     """Run ``tiktok_conversions`` for one partition with ``dag.test()``; return the run's state."""
     from airflow.dag_processing.dagbag import DagBag
-
     from airflow_env import REPO
 
     bag = DagBag(dag_folder=str(REPO / "dags" / "tiktok_conversions.py"))

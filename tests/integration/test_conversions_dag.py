@@ -17,7 +17,6 @@ from conversions_run import (
     sample_valid_event_ids,
     yesterday,
 )
-
 from sample_partition import stage_sample_partition
 
 pytestmark = pytest.mark.airflow
@@ -30,12 +29,12 @@ def _session_of(event: dict) -> tuple:
 
 def test_sample_partition_is_delivered_exactly_once_in_session_batches(airflow_db, standin, tmp_path, monkeypatch):
     partition = yesterday()
-    configure_pipeline(monkeypatch, tmp_path, standin.url)
+    configure_pipeline(monkeypatch, tmp_path, standin)
     stage_sample_partition(tmp_path / "landing", partition)
 
     assert run_conversions(partition) == "success"
 
-    batches = standin.received()["batches"]
+    batches = standin.received()
     events = received_events(batches)
     ids = Counter(event["event_id"] for event in events)
     assert set(ids) == sample_valid_event_ids()
@@ -68,7 +67,7 @@ def test_sample_partition_is_delivered_exactly_once_in_session_batches(airflow_d
 
 def test_rerun_after_a_refused_batch_delivers_only_the_remainder(airflow_db, standin, tmp_path, monkeypatch):
     partition = yesterday()
-    configure_pipeline(monkeypatch, tmp_path, standin.url)
+    configure_pipeline(monkeypatch, tmp_path, standin)
     stage_sample_partition(tmp_path / "landing", partition)
     valid = sample_valid_event_ids()
     refused = sorted(i for i in valid if i.startswith("app-"))[0]
@@ -76,7 +75,7 @@ def test_rerun_after_a_refused_batch_delivers_only_the_remainder(airflow_db, sta
 
     assert run_conversions(partition) == "failed"
 
-    first = received_events(standin.received()["batches"])
+    first = received_events(standin.received())
     failed = output_jsonl(tmp_path, partition, "failed.jsonl")
     assert len(failed) == 1 and refused in failed[0]["event_ids"]
     assert failed[0]["http_status"] == 400 and failed[0]["response_excerpt"]
@@ -91,7 +90,7 @@ def test_rerun_after_a_refused_batch_delivers_only_the_remainder(airflow_db, sta
     standin.reset()
     assert run_conversions(partition) == "success"
 
-    second = received_events(standin.received()["batches"])
+    second = received_events(standin.received())
     assert Counter(e["event_id"] for e in second) == Counter(refused_batch), "the rerun must send exactly the failed batch"
     summary = output_json(tmp_path, partition, "summary.json")
     assert summary["status"] == "complete"

@@ -52,7 +52,7 @@ class EventTimeWindow:
 
 
 class DuplicateEventIds:
-    """Remember event ids seen in this run, as 64-bit hashes rather than the strings.
+    """Remember the events (``event_type`` + ``event_id``) seen in this run, as 64-bit hashes.
 
     A Python int in a set costs about 60 bytes against 100+ for a typical id string. Two
     different ids share a 64-bit BLAKE2b hash with probability about n^2 / 2^65: roughly
@@ -68,14 +68,18 @@ class DuplicateEventIds:
     def __len__(self) -> int:
         return len(self._seen)
 
-    def seen_before(self, event_id: str) -> bool:
-        """Record ``event_id``; return True when it was already recorded.
+    def seen_before(self, event_id: str, event_type: str = "") -> bool:
+        """Record an event; return True when the same event was already recorded.
+
+        An event is the same when its ``event_type`` and ``event_id`` match: that is TikTok's own
+        deduplication key, and the seed itself reuses ``event_id`` "1" for an ``InstallApp``, a
+        ``LaunchAPP`` and a ``CheckOut`` that are three different conversions.
 
         :param event_id: the event's id.
+        :param event_type: the event's name.
         """
-        digest = int.from_bytes(
-            hashlib.blake2b(event_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big"
-        )
+        key = f"{event_type}\x1f{event_id}"
+        digest = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
         if digest in self._seen:
             return True
         self._seen.add(digest)

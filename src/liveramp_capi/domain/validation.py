@@ -134,7 +134,7 @@ class RecordValidator:
         violation = self.window.check(event_time)
         if violation is not None:
             return Rejected(record.file, record.line, violation, record.raw, event_id)
-        if self.duplicates.seen_before(event_id):
+        if self.duplicates.seen_before(event_id, value["event_type"]):
             return Duplicate(record.file, record.line, event_id)
         event, pipeline = split_pipeline_fields(value, self._pipeline_fields)
         return Accepted(normalize_event(event), pipeline, event_id, event_time, record.file, record.line)
