@@ -7,6 +7,7 @@ instead of personal data.
 
 | task | what it does |
 |---|---|
+| `wait_for_partition` | waits, in the triggerer (no worker slot held), for `dt=YYYY-MM-DD/_SUCCESS`, the marker the export writes last; fails after `capi_partition_wait_minutes` (360) with a clear message |
 | `extract` | lists the partition's `*.jsonl`, `*.jsonl.gz`, `*.csv`, `*.csv.gz` files into the run's manifest |
 | `validate` | checks every record (JSON Schema, duplicate `event_id`, 28-day window); rejects go to `rejected.jsonl` with file, line, pointer and reason; valid events are spilled to session shards |
 | `send` | one mapped task per shard: sessions -> batches -> LiveRamp, many requests in flight; the delivery ledger makes reruns send only what was not acknowledged |
@@ -15,6 +16,10 @@ instead of personal data.
 **Rerun a failed partition**: clear the failed tasks (UI) or
 `airflow dags clear tiktok_conversions --partition-key YYYY-MM-DD`. **Manual run**: trigger
 with the param `partition` set to `YYYY-MM-DD`.
+
+**Alerts**: a failed run calls `default_failure_notifier()` (log-only unless
+`CAPI_FAILURE_NOTIFIER` names another notifier); a run not finished
+`CAPI_PARTITION_DEADLINE_MINUTES` (360) after it was queued raises a deadline alert.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ import os
 
 from airflow.sdk import DAG, CronPartitionTimetable, Param
 
+from liveramp_capi.notifiers import default_failure_notifier, partition_deadline_alert
 from liveramp_capi.operators.extract import ExtractPartitionOperator
 from liveramp_capi.operators.report import ReportConversionsOperator
 from liveramp_capi.operators.send import SendConversionsOperator
 from liveramp_capi.operators.validate import ValidateConversionsOperator
+from liveramp_capi.sensors import PartitionReadySensor
 
 _AIRFLOW_HOME = os.environ.get("AIRFLOW_HOME", os.path.expanduser("~/airflow"))
 # Manual runs name their partition; scheduled runs get it from the partition timetable; a
@@ -46,6 +53,9 @@ with DAG(
     catchup=False,
     max_active_runs=2,
     tags=["tiktok", "liveramp", "conversions"],
+    # A failed partition reaches a human through a pluggable notifier; a late one through a deadline.
+    on_failure_callback=default_failure_notifier("partition failed"),
+    deadline=partition_deadline_alert(),
     params={
         "partition": Param(
             None,
@@ -63,6 +73,15 @@ with DAG(
         "max_retry_delay": dt.timedelta(minutes=20),
     },
 ) as dag:
+    wait_for_partition = PartitionReadySensor(
+        task_id="wait_for_partition",
+        partition=PARTITION,
+        landing_root=LANDING_ROOT,
+        max_wait_minutes="{{ var.value.get('capi_partition_wait_minutes', '360') }}",
+        poll_seconds="{{ var.value.get('capi_partition_poll_seconds', '60') }}",
+        # Waiting is not failing: the sensor's own timeout is the limit, not retries.
+        retries=1,
+    )
     extract = ExtractPartitionOperator(
         task_id="extract", partition=PARTITION, landing_root=LANDING_ROOT, output_root=OUTPUT_ROOT
     )
@@ -74,6 +93,8 @@ with DAG(
         max_invalid_ratio="{{ var.value.get('capi_max_invalid_ratio', '0.05') }}",
         max_event_age_days="{{ var.value.get('capi_max_event_age_days', '28') }}",
         allow_custom_events="{{ var.value.get('capi_allow_custom_events', 'false') }}",
+        # Smaller shards spread one partition over more workers (and bound each task's memory).
+        events_per_shard="{{ var.value.get('capi_events_per_shard', '100000') }}",
     )
     send = SendConversionsOperator.partial(
         task_id="send",
@@ -86,4 +107,4 @@ with DAG(
         task_id="report", partition=PARTITION, landing_root=LANDING_ROOT, output_root=OUTPUT_ROOT
     )
 
-    extract >> validate >> send >> report
+    wait_for_partition >> extract >> validate >> send >> report

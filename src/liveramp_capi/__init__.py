@@ -24,10 +24,34 @@ def get_provider_info() -> dict:
             {
                 "hook-class-name": "liveramp_capi.hooks.capi.LiveRampCapiHook",
                 "connection-type": "liveramp_capi",
+                "hook-name": "LiveRamp ATS Conversions API",
+                # Declared here, not by the hook's get_ui_field_behaviour() (deprecated in
+                # Airflow 3.2), so the UI gets the form without importing the hook.
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "port", "login"],
+                    "relabeling": {"host": "Base URL", "password": "ATS configuration ID"},
+                    "placeholders": {
+                        "host": "https://capi.analytics.rlcdn.com",
+                        "password": "Configuration ID from LiveRamp Console (ATS > Web > Admin > Placement Details)",
+                        "extra": '{"concurrency": 64, "timeout_seconds": 10, "max_attempts": 6, '
+                        '"max_batch_events": 50, "max_requests_per_second": 0}',
+                    },
+                },
             },
             {
                 "hook-class-name": "liveramp_capi.hooks.state.CapiStateHook",
                 "connection-type": "capi_state",
+                "hook-name": "CAPI pipeline state database",
+                "ui-field-behaviour": {
+                    "hidden-fields": [],
+                    "relabeling": {"host": "Host or SQLite file path", "schema": "Database"},
+                    "placeholders": {
+                        "host": "/opt/airflow/state/capi_state.db or db.example.com",
+                        "schema": "capi (PostgreSQL only)",
+                        "port": "5432 (PostgreSQL only)",
+                        "extra": '{"sqlalchemy_url": "postgresql+psycopg://user:pass@host/db"} (optional)',
+                    },
+                },
             },
         ],
     }

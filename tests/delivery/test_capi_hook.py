@@ -81,11 +81,6 @@ def test_class_attributes_and_form() -> None:
     assert LiveRampCapiHook.conn_type == "liveramp_capi"
     assert LiveRampCapiHook.conn_name_attr == "liveramp_capi_conn_id"
     assert LiveRampCapiHook.default_conn_name == "liveramp_capi_default"
-    form = LiveRampCapiHook.get_ui_field_behaviour()
-    assert set(form["hidden_fields"]) == {"schema", "port", "login"}
-    assert form["relabeling"] == {"host": "Base URL", "password": "ATS configuration ID"}
-    assert json.loads(form["placeholders"]["extra"])["concurrency"] == 64
-    assert set(json.loads(form["placeholders"]["extra"])) <= TUNING_KEYS
 
 
 def test_settings_and_headers_from_the_connection(monkeypatch) -> None:

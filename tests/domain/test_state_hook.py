@@ -62,8 +62,6 @@ def test_hook_metadata() -> None:
     assert CapiStateHook.default_conn_name == "capi_state_default"
     assert CapiStateHook.conn_type == "capi_state"
     assert CapiStateHook.hook_name == "CAPI pipeline state database"
-    behaviour = CapiStateHook.get_ui_field_behaviour()
-    assert behaviour["relabeling"] == {"host": "Host or SQLite file path", "schema": "Database"}
 
 
 def test_sqlite_connection(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

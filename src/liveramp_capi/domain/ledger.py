@@ -114,6 +114,58 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def ensure_component_schema(
+    engine: Engine, tables: Sequence[sa.Table], component: str, version: int
+) -> None:
+    """Create a component's tables (and ``capi_schema_version``) if missing; check its version.
+
+    Shared by every component that keeps tables in the state database (the delivery ledger,
+    the envelope store). Safe when several processes call it at once: PostgreSQL serialises the
+    creation on a transaction-level advisory lock; SQLite takes the write lock at BEGIN (so the
+    existence check and the CREATE happen under one lock) and a lost race is retried.
+
+    :param engine: the state database engine.
+    :param tables: the component's tables, in creation order.
+    :param component: the component's name in ``capi_schema_version``.
+    :param version: the schema version this code writes.
+    :raises LedgerSchemaError: when the database holds a newer version of the component.
+    """
+    dialect = engine.dialect.name
+    for attempt in range(3):
+        try:
+            with engine.connect() as connection:
+                if dialect == "sqlite":
+                    connection.execution_options(**{SQLITE_BEGIN_IMMEDIATE: True})
+                with connection.begin():
+                    if dialect == "postgresql":
+                        connection.execute(
+                            sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY}
+                        )
+                    for table in (schema_version_table, *tables):
+                        table.create(connection, checkfirst=True)
+                    _check_version(connection, component, version)
+            return
+        except DBAPIError as exc:
+            if attempt == 2 or "already exists" not in str(exc.orig).lower():
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
+def _check_version(connection: Connection, component: str, version: int) -> None:
+    table = schema_version_table
+    found = connection.execute(
+        sa.select(table.c.version).where(table.c.component == component)
+    ).scalar_one_or_none()
+    if found is None:
+        connection.execute(sa.insert(table).values(component=component, version=version, updated_at=_now()))
+    elif found > version:
+        raise LedgerSchemaError(
+            f"the state database holds {component.replace('_', ' ')} schema version {found}; this code "
+            f"knows up to {version}: upgrade the liveramp-capi package"
+        )
+    # found < version: future upgrade steps go here, in order, inside this lock.
+
+
 def _unique_sorted(items: Iterable[_T], batch_of: Callable[[_T], Batch]) -> list[_T]:
     # One row per batch id (PostgreSQL refuses to upsert a row twice in one statement), in
     # batch_id order so concurrent writers take row locks in the same order.
@@ -145,44 +197,9 @@ class DeliveryLedger:
     def ensure_schema(self) -> None:
         """Create the ledger tables if missing and check the schema version (idempotent).
 
-        Safe when several processes call it at once: PostgreSQL serialises the creation on a
-        transaction-level advisory lock; SQLite takes the write lock at BEGIN (so the existence
-        check and the CREATE happen under one lock) and a lost race is retried.
+        Safe when several processes call it at once: see :func:`ensure_component_schema`.
         """
-        for attempt in range(3):
-            try:
-                with self.engine.connect() as connection:
-                    if self.dialect == "sqlite":
-                        connection.execution_options(**{SQLITE_BEGIN_IMMEDIATE: True})
-                    with connection.begin():
-                        if self.dialect == "postgresql":
-                            connection.execute(
-                                sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY}
-                            )
-                        metadata.create_all(connection, checkfirst=True)
-                        self._check_version(connection)
-                return
-            except DBAPIError as exc:
-                if attempt == 2 or "already exists" not in str(exc.orig).lower():
-                    raise
-                time.sleep(0.05 * (attempt + 1))
-
-    @staticmethod
-    def _check_version(connection: Connection) -> None:
-        table = schema_version_table
-        found = connection.execute(
-            sa.select(table.c.version).where(table.c.component == SCHEMA_COMPONENT)
-        ).scalar_one_or_none()
-        if found is None:
-            connection.execute(
-                sa.insert(table).values(component=SCHEMA_COMPONENT, version=SCHEMA_VERSION, updated_at=_now())
-            )
-        elif found > SCHEMA_VERSION:
-            raise LedgerSchemaError(
-                f"the state database holds ledger schema version {found}; this code knows up to "
-                f"{SCHEMA_VERSION}: upgrade the liveramp-capi package"
-            )
-        # found < SCHEMA_VERSION: future upgrade steps go here, in order, inside this lock.
+        ensure_component_schema(self.engine, [ledger_table], SCHEMA_COMPONENT, SCHEMA_VERSION)
 
     # -- reads ----------------------------------------------------------------------------
 

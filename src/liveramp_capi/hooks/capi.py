@@ -102,29 +102,6 @@ class LiveRampCapiHook(HttpHook):
         self.liveramp_capi_conn_id = liveramp_capi_conn_id
         self._config: CapiConnectionConfig | None = None
 
-    @classmethod
-    def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        """Shape the connection form: only base URL, configuration ID and extra are relevant."""
-        return {
-            "hidden_fields": ["schema", "port", "login"],
-            "relabeling": {"host": "Base URL", "password": "ATS configuration ID"},
-            "placeholders": {
-                "host": cls.default_host,
-                "password": "Configuration ID from LiveRamp Console (ATS > Web > Admin > Placement Details)",
-                "extra": json.dumps(
-                    {
-                        "concurrency": 64,
-                        "timeout_seconds": 10,
-                        "max_attempts": 6,
-                        "max_batch_events": 50,
-                        "max_requests_per_second": 0,
-                    }
-                ),
-            },
-        }
-
-    # -- connection handling -----------------------------------------------------------------
-
     def _base_url_of(self, connection: Any) -> str:
         host = (connection.host or "").strip() or self.default_host
         if "://" not in host:

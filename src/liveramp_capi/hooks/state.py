@@ -39,20 +39,6 @@ class CapiStateHook(BaseHook):
         self.capi_state_conn_id = capi_state_conn_id
         self._engine: Engine | None = None
 
-    @classmethod
-    def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        """Relabel the connection form's fields for this connection type."""
-        return {
-            "hidden_fields": [],
-            "relabeling": {"host": "Host or SQLite file path", "schema": "Database"},
-            "placeholders": {
-                "host": "/opt/airflow/state/capi_state.db or db.example.com",
-                "schema": "capi (PostgreSQL only)",
-                "port": "5432 (PostgreSQL only)",
-                "extra": '{"sqlalchemy_url": "postgresql+psycopg://user:pass@host/db"} (optional)',
-            },
-        }
-
     def sqlalchemy_url(self) -> str:
         """Return the SQLAlchemy URL the connection describes.
 

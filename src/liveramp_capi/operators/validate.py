@@ -46,6 +46,7 @@ class ValidateConversionsOperator(BaseOperator):
         "max_event_age_days",
         "allow_custom_events",
         "reference_time",
+        "events_per_shard",
     )
     ui_color = "#fef7e0"
 
@@ -60,7 +61,7 @@ class ValidateConversionsOperator(BaseOperator):
         max_future_skew_seconds: int = 300,
         allow_custom_events: bool | str = False,
         reference_time: int | str | None = None,
-        events_per_shard: int = 100_000,
+        events_per_shard: int | str = 100_000,
         max_line_bytes: int = 1_048_576,
         **kwargs: Any,
     ) -> None:
@@ -118,7 +119,7 @@ class ValidateConversionsOperator(BaseOperator):
         estimated = sum(
             f["size"] * (_GZIP_RATIO if f["name"].lower().endswith(".gz") else 1) for f in files
         ) // _BYTES_PER_EVENT
-        shard_count = plan_shard_count(max(estimated, 1), events_per_shard=self.events_per_shard)
+        shard_count = plan_shard_count(max(estimated, 1), events_per_shard=int(self.events_per_shard))
 
         validator = RecordValidator(
             EventSchemaValidator(allow_custom_events=allow_custom),
