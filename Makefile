@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint unit bench airflow constraints clean
+.PHONY: install demo test lint unit bench airflow deployment-test constraints clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,16 @@ test: lint unit
 
 demo: $(STAMP)
 	$(BIN)/python include/demo.py
+
+# The Airflow UI on this machine (airflow standalone, SQLite) with the DAGs, the stand-in and the
+# sample partition wired in: http://localhost:8080, user admin, password in
+# .airflow/home/simple_auth_manager_passwords.json.generated.
+airflow: $(STAMP)
+	$(BIN)/python include/airflow_local.py
+
+# The distributed deployment proof alone: PostgreSQL + Redis + Celery workers (needs both running).
+deployment-test: $(STAMP)
+	$(BIN)/pytest -q tests/deployment
 
 bench: $(STAMP)
 	$(BIN)/python include/bench.py

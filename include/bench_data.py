@@ -179,4 +179,6 @@ def write_partition(folder: Path, events: int, *, seed: int, day_start: int, fil
     finally:
         for out in outs:
             out.close()
+    # The export's completion marker, which the DAG's wait_for_partition sensor waits for.
+    (folder / "_SUCCESS").write_bytes(b"")
     return counts

@@ -56,6 +56,16 @@ def _environment(port: int) -> dict[str, str]:
             # The sample holds a handful of deliberately invalid records among ~60.
             "AIRFLOW_VAR_CAPI_MAX_INVALID_RATIO": "0.25",
             "CAPI_SCHEMA_PATH": str(REPO / "include" / "schemas" / "tiktok_event.schema.json"),
+            # The envelope refresh API of the same stand-in (pid and origin are placeholders).
+            "AIRFLOW_CONN_LIVERAMP_ENVELOPE_DEFAULT": json.dumps(
+                {
+                    "conn_type": "liveramp_envelope",
+                    "host": f"http://127.0.0.1:{port}",
+                    "extra": {"pid": "demo-placement", "origin": "https://yourwebshop.com", "concurrency": 16},
+                }
+            ),
+            # `airflow dags test` (3.3.2) crashes on a successful run of a DAG with a deadline alert.
+            "CAPI_PARTITION_DEADLINE_MINUTES": "0",
         }
     )
     return env
@@ -81,6 +91,22 @@ def _run_dag(env: dict[str, str], partition: str, log_name: str) -> dict:
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     print(f"  airflow dags test exited {code} in {time.monotonic() - started:.1f} s (log: {log_path.relative_to(REPO)})")
     return summary
+
+
+def _run_refresh(env: dict[str, str]) -> dict:
+    log_path = DEMO / "refresh.log"
+    started = time.monotonic()
+    with log_path.open("wb") as log:
+        code = subprocess.run(
+            [str(BIN / "airflow"), "dags", "test", "ats_envelope_refresh"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            check=False,
+        ).returncode
+    print(f"  airflow dags test exited {code} in {time.monotonic() - started:.1f} s (log: {log_path.relative_to(REPO)})")
+    summaries = sorted((DEMO / "output" / "envelope_refresh").glob("*/summary.json"))
+    return json.loads(summaries[-1].read_text()) if summaries else {}
 
 
 def _print_summary(summary: dict) -> None:
@@ -132,7 +158,18 @@ def main() -> int:
         _print_summary(second)
         stats = _standin_stats(port)
         print(f"   the stand-in has now received {stats.get('events')} events in {stats.get('batches')} batches in all")
-        ok = first.get("status") == "complete" and second.get("delivered_this_run") == 0
+        print("6. Running ats_envelope_refresh: envelopes expiring within 7 days are refreshed ...")
+        refresh = _run_refresh(env)
+        for key in ("status", "selected", "refreshed", "failed", "failed_by_reason", "skipped_consent",
+                    "newly_expired", "requests"):
+            print(f"    {key:<28} {refresh.get(key)}")
+        print("   (the sample holds users whose envelopes are 24-26 days old, one California user on the 15-day")
+        print("    lifetime, and one due user without consent: reported, never sent to the refresh API)")
+        ok = (
+            first.get("status") == "complete"
+            and second.get("delivered_this_run") == 0
+            and refresh.get("status") == "complete"
+        )
         print("Demo finished: " + ("every valid event delivered exactly once." if ok else "something is off, see the logs."))
         return 0 if ok else 1
     finally:

@@ -39,6 +39,20 @@ def get_provider_info() -> dict:
                 },
             },
             {
+                "hook-class-name": "liveramp_capi.hooks.envelope.LiveRampEnvelopeHook",
+                "connection-type": "liveramp_envelope",
+                "hook-name": "LiveRamp ATS envelope refresh",
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "port", "login", "password"],
+                    "relabeling": {"host": "Base URL"},
+                    "placeholders": {
+                        "host": "https://api.rlcdn.com",
+                        "extra": '{"pid": "<ATS placement id>", "origin": "https://www.example.com", '
+                        '"concurrency": 32, "timeout_seconds": 10, "max_requests_per_second": 50}',
+                    },
+                },
+            },
+            {
                 "hook-class-name": "liveramp_capi.hooks.state.CapiStateHook",
                 "connection-type": "capi_state",
                 "hook-name": "CAPI pipeline state database",

@@ -9,7 +9,7 @@ import pytest
 
 DAGS_DIR = Path(__file__).resolve().parents[2] / "dags"
 DAG_FILES = sorted(DAGS_DIR.glob("*.py"))
-EXPECTED_DAGS = {"tiktok_conversions"}
+EXPECTED_DAGS = {"tiktok_conversions", "ats_envelope_refresh"}
 
 
 @pytest.fixture(scope="module")

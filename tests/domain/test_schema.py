@@ -14,6 +14,7 @@ from liveramp_capi.domain.schema import (
     SCHEMA_PATH_ENV,
     EventSchemaValidator,
     SchemaNotFoundError,
+    fast_schema,
     find_schema_path,
     load_event_schema,
 )
@@ -333,6 +334,12 @@ _NASTY_VALUES: list[Any] = [
     1714692283000,
     1714692283.0,
     "1714692283",
+    # custom_data keys with their own value rules (the fast validator dispatches on them)
+    "currency",
+    "contents",
+    "quantity",
+    "content_type",
+    "order_id",
 ]
 
 _PATHS: list[tuple[str, ...]] = [
@@ -401,6 +408,25 @@ def _mutate(rng: random.Random, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+def test_fast_schema_rewrites_the_custom_data_dispatch_only() -> None:
+    schema = load_event_schema()
+    fast = fast_schema(schema)
+    entry = fast["$defs"]["custom_data_entry"]
+    assert "allOf" not in entry and len(entry["anyOf"]) == len(schema["$defs"]["custom_data_entry"]["allOf"])
+    # Everything else is untouched.
+    assert {k: v for k, v in fast["$defs"].items() if k != "custom_data_entry"} == {
+        k: v for k, v in schema["$defs"].items() if k != "custom_data_entry"
+    }
+    assert fast["properties"] == schema["properties"] and fast["allOf"] == schema["allOf"]
+    # A table that is not exhaustive is left alone.
+    partial = {"type": "object", "required": ["key"], "properties": {"key": {"type": "string"}},
+               "allOf": [{"if": {"properties": {"key": {"const": "a"}}, "required": ["key"]},
+                          "then": {"properties": {"value": {"type": "string"}}}},
+                         {"if": {"properties": {"key": {"const": "b"}}, "required": ["key"]},
+                          "then": {"properties": {"value": {"type": "number"}}}}]}
+    assert fast_schema(partial) == partial
+
+
 def test_fast_and_reference_validators_agree(seed_events: list[dict[str, Any]]) -> None:
     rng = random.Random(20240503)
     validators = [EventSchemaValidator(), EventSchemaValidator(allow_custom_events=True)]
@@ -412,6 +438,8 @@ def test_fast_and_reference_validators_agree(seed_events: list[dict[str, Any]]) 
             fast = validator.validate(record)
             reference = validator.validate_reference(record)
             assert (fast is None) == (reference is None), (record, fast, reference)
+            # The fast path finds the reference's message, not just its verdict.
+            assert fast == reference, (record, fast, reference)
             try:
                 fast_only = validator._fast.is_valid(record)
             except ValueError:

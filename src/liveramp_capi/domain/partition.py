@@ -99,6 +99,8 @@ class PartitionLayout:
     shards_dir = "_work/shards"
     results_dir = "_work/results"
     failed_dir = "_work/failed"
+    expired_dir = "_work/envelope_expired"
+    envelope_expired = "envelope_expired.jsonl"
     rejected = "rejected.jsonl"
     failed = "failed.jsonl"
     summary = "summary.json"
@@ -114,3 +116,7 @@ class PartitionLayout:
     @staticmethod
     def failed_part(index: int) -> str:
         return f"_work/failed/shard-{index:05d}.jsonl"
+
+    @staticmethod
+    def expired_part(index: int) -> str:
+        return f"_work/envelope_expired/shard-{index:05d}.jsonl"

@@ -103,6 +103,9 @@ class ShardEntry(NamedTuple):
     :param ordinal: position of the event in the partition, for a stable order on ties.
     :param user_key: an opaque per-user key supplied by the validator, if any.
     :param event_json: compact JSON of the event exactly as it will be sent.
+    :param envelope_issued_at: Unix time the event's own envelope was issued, if known.
+    :param envelope_expires_at: Unix time the event's own envelope expires, if known (see
+        :mod:`liveramp_capi.domain.envelopes`); the send step resolves a fresher one or holds it.
     """
 
     key: str
@@ -112,6 +115,8 @@ class ShardEntry(NamedTuple):
     ordinal: int
     user_key: str | None
     event_json: bytes
+    envelope_issued_at: int | None = None
+    envelope_expires_at: int | None = None
 
 
 class ShardWriter:
@@ -144,7 +149,16 @@ class ShardWriter:
         self._ordinal = 0
         self._closed = False
 
-    def write(self, key: str, event_time: int, event_id: str, user_key: str | None, event: dict) -> int:
+    def write(
+        self,
+        key: str,
+        event_time: int,
+        event_id: str,
+        user_key: str | None,
+        event: dict,
+        envelope_issued_at: int | None = None,
+        envelope_expires_at: int | None = None,
+    ) -> int:
         """Spill one event and return the index of the shard it went to.
 
         :param key: session grouping key (:func:`session_grouping_key`).
@@ -152,14 +166,20 @@ class ShardWriter:
         :param event_id: the event's ``event_id``.
         :param user_key: an opaque per-user key to carry along, or None.
         :param event: the event as it will be sent; serialised here with orjson.
+        :param envelope_issued_at: when the event's envelope was issued, if known.
+        :param envelope_expires_at: when the event's envelope expires, if known.
         """
         if self._closed:
             raise ValueError("ShardWriter is closed")
         hashed = key_hash(key)
         shard = hashed % self.shard_count
-        header = orjson.dumps(
-            {"k": key, "h": hashed, "t": event_time, "i": event_id, "n": self._ordinal, "u": user_key}
-        )
+        fields = {"k": key, "h": hashed, "t": event_time, "i": event_id, "n": self._ordinal, "u": user_key}
+        # Optional keys only when set: older shard lines (and readers) stay valid.
+        if envelope_issued_at is not None:
+            fields["e"] = envelope_issued_at
+        if envelope_expires_at is not None:
+            fields["x"] = envelope_expires_at
+        header = orjson.dumps(fields)
         line = b"".join((header, b"\t", orjson.dumps(event), b"\n"))
         self._ordinal += 1
         self.counts[shard] += 1
@@ -237,6 +257,8 @@ def read_shard(stream: BinaryIO) -> Iterator[ShardEntry]:
             event_id = header["i"]
             ordinal = header["n"]
             user_key = header["u"]
+            issued = header.get("e")
+            expires = header.get("x")
             if (
                 type(key) is not str
                 or type(hashed) is not int
@@ -244,11 +266,13 @@ def read_shard(stream: BinaryIO) -> Iterator[ShardEntry]:
                 or type(event_id) is not str
                 or type(ordinal) is not int
                 or (user_key is not None and type(user_key) is not str)
+                or (issued is not None and type(issued) is not int)
+                or (expires is not None and type(expires) is not int)
             ):
                 raise ValueError
         except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
             raise ShardFormatError(f"malformed shard line {number}") from None
-        yield ShardEntry(key, hashed, event_time, event_id, ordinal, user_key, event_json)
+        yield ShardEntry(key, hashed, event_time, event_id, ordinal, user_key, event_json, issued, expires)
 
 
 @dataclass(slots=True)

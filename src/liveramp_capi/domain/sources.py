@@ -102,6 +102,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+import orjson
+
 from liveramp_capi.domain.violations import Violation
 
 #: Raw bytes kept per record for rejected.jsonl.
@@ -364,6 +366,47 @@ def json_violation(text: str, *, what: str = "line", pointer: str = "") -> tuple
         return None, Violation("invalid_number", pointer, f"{what}: integer has too many digits")
 
 
+# ---------------------------------------------------------------------------- fast JSON
+
+#: Above this many brackets a line may nest deeper than either parser allows: strict path.
+_FAST_MAX_BRACKETS = 256
+#: orjson turns integers beyond 64 bits into floats, the stdlib keeps them exact: a run of 19
+#: digits sends the line to the strict path. (``bytes.translate`` + ``in`` is 8x faster than
+#: a regular expression here.)
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_LONG_DIGIT_RUN = b"0" * 19
+
+
+def parse_json_fast(data: bytes) -> dict[str, Any] | None:
+    """Parse one JSONL line with orjson; None when only :func:`json_violation` may decide.
+
+    orjson is about 5x faster than the stdlib parser with its strict hooks, but it keeps the
+    last of two duplicate keys, turns integers beyond 64 bits into floats and nests deeper.
+    The result is used only when cheap checks prove the strict parser would return the very
+    same object; otherwise (and for anything orjson refuses: NaN, overflow, bad UTF-8, syntax)
+    the caller runs the strict parser, which gives the exact reason. So the outcome of a line
+    never depends on which parser read it.
+
+    Duplicate keys: every ``:`` of a JSON text is either a key separator or a character of a
+    string. Without ``\\u`` escapes a string's colons are literal in both the input and
+    orjson's output, so the input has more colons than the re-serialised value exactly when
+    a key was lost, i.e. when an object repeated a key.
+
+    :param data: the line, UTF-8, without its line ending.
+    """
+    if b"\\u" in data or data.count(b"{") + data.count(b"[") > _FAST_MAX_BRACKETS or _LONG_DIGIT_RUN in data.translate(
+        _DIGITS_AS_ZERO
+    ):
+        return None
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if type(value) is not dict or data.count(b":") != orjson.dumps(value).count(b":"):
+        return None
+    return value
+
+
 # ---------------------------------------------------------------------------- JSONL
 
 
@@ -394,6 +437,10 @@ def _iter_jsonl(name: str, binary: BinaryIO, max_line_bytes: int) -> Iterator[So
             continue
         data = _strip_eol(line.data)
         raw = data[:MAX_RAW_BYTES]
+        fast = parse_json_fast(data)
+        if fast is not None:
+            yield SourceRecord(name, line.number, fast, raw)
+            continue
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:

@@ -19,6 +19,8 @@ SHARD_COUNTERS: tuple[str, ...] = (
     "previously_delivered_events",
     "failed_events",
     "failed_batches",
+    "envelope_expired_events",
+    "envelope_replaced_events",
     "batches_sent",
     "unknown_outcome_batches",
     "requests",
@@ -60,8 +62,10 @@ def build_summary(
     planned = list(validation.get("shards", []))
     delivered = totals["delivered_events"] + totals["previously_delivered_events"]
     failed = totals["failed_events"]
+    # Held back at send time: every envelope they could use had expired (not a delivery failure).
+    expired = totals["envelope_expired_events"]
     # Events of shards whose send task did not report (failed before the end, or never ran).
-    pending = valid - delivered - failed
+    pending = valid - delivered - failed - expired
     missing_shards = sorted(set(planned) - set(reported))
 
     if validation.get("rejected_ratio_exceeded"):
@@ -88,6 +92,8 @@ def build_summary(
             "previously_delivered_events": totals["previously_delivered_events"],
             "failed_events": failed,
             "failed_batches": totals["failed_batches"],
+            "envelope_expired_events": expired,
+            "envelope_replaced_events": totals["envelope_replaced_events"],
             "pending_events": pending,
             "resent_unknown_outcome_batches": totals["unknown_outcome_batches"],
             "requests": totals["requests"],
@@ -97,7 +103,7 @@ def build_summary(
     )
     summary["checks"] = {
         "read_equals_valid_rejected_duplicates": read == valid + rejected + duplicates,
-        "valid_equals_delivered_failed": pending == 0 and valid == delivered + failed,
+        "valid_equals_delivered_failed_expired": pending == 0 and valid == delivered + failed + expired,
         "shard_events_equal_valid": (not missing_shards) and totals["events"] == valid,
     }
     return summary

@@ -14,7 +14,6 @@ from liveramp_capi.domain.events import (
     PIPELINE_FIELDS,
     normalize_event,
     pipeline_fields,
-    split_pipeline_fields,
 )
 from liveramp_capi.domain.schema import EventSchemaValidator
 from liveramp_capi.domain.sources import MAX_RAW_BYTES, SourceRecord
@@ -136,8 +135,19 @@ class RecordValidator:
             return Rejected(record.file, record.line, violation, record.raw, event_id)
         if self.duplicates.seen_before(event_id, value["event_type"]):
             return Duplicate(record.file, record.line, event_id)
-        event, pipeline = split_pipeline_fields(value, self._pipeline_fields)
-        return Accepted(normalize_event(event), pipeline, event_id, event_time, record.file, record.line)
+        # One pass over the record instead of split_pipeline_fields + normalize_event (same
+        # result; this runs a million times per partition).
+        fields = self._pipeline_fields
+        event: dict[str, Any] = {}
+        pipeline: dict[str, Any] = {}
+        for name, item in value.items():
+            if name in fields:
+                pipeline[name] = item
+            else:
+                event[name] = item
+        if type(event.get("custom_data")) is dict or type(event["event_time"]) is not int:
+            event = normalize_event(event)
+        return Accepted(event, pipeline, event_id, event_time, record.file, record.line)
 
 
 def _event_id(value: dict[str, Any] | None) -> str | None:

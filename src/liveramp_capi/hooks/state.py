@@ -13,6 +13,7 @@ from urllib.parse import quote
 from airflow.sdk import BaseHook
 from sqlalchemy.engine import Engine
 
+from liveramp_capi.domain.envelopes import EnvelopeStore
 from liveramp_capi.domain.ledger import DeliveryLedger
 from liveramp_capi.domain.statedb import make_engine
 
@@ -88,6 +89,12 @@ class CapiStateHook(BaseHook):
         ledger = DeliveryLedger(self.get_engine())
         ledger.ensure_schema()
         return ledger
+
+    def get_envelope_store(self) -> EnvelopeStore:
+        """Return the envelope store, its schema created if missing."""
+        store = EnvelopeStore(self.get_engine())
+        store.ensure_schema()
+        return store
 
     def get_conn(self) -> Engine:
         """Return the engine (Airflow's generic accessor)."""

@@ -121,22 +121,31 @@ def _deadline_minutes() -> float:
     if not raw:
         return float(DEFAULT_DEADLINE_MINUTES)
     minutes = float(raw)
-    if minutes <= 0:
-        raise ValueError(f"{DEADLINE_MINUTES_ENV} must be a positive number of minutes")
+    if minutes < 0:
+        raise ValueError(f"{DEADLINE_MINUTES_ENV} must be a number of minutes (0: no deadline alert)")
     return minutes
 
 
-def partition_deadline_alert(minutes: float | None = None) -> DeadlineAlert:
-    """A deadline alert that flags a run not finished ``minutes`` after it was queued.
+def partition_deadline_alert(minutes: float | None = None) -> DeadlineAlert | None:
+    """A deadline alert that flags a run not finished ``minutes`` after it was queued, or ``None`` when off.
 
     The default comes from ``CAPI_PARTITION_DEADLINE_MINUTES`` (360: the 03:00 UTC run must be
-    done by 09:00 UTC). A plain environment value rather than an Airflow ``VariableInterval``:
-    a missing Variable would stop the scheduler from creating the run at all. The callback is
-    :class:`LogNotifier`, run in the triggerer, which must therefore be running.
+    done by 09:00 UTC; ``0`` turns the alert off). A plain environment value rather than an
+    Airflow ``VariableInterval``: a missing Variable would stop the scheduler from creating the
+    run at all. The callback is :class:`LogNotifier`, run in the triggerer, which must therefore
+    be running.
 
-    :param minutes: overrides the environment / default.
+    ``dag.test()`` / ``airflow dags test`` in Airflow 3.3.2 crash when a run with a deadline
+    succeeds (``DagRun.update_state`` looks the serialized alert up as if it were an id), so
+    ``make demo`` and the test suite set ``CAPI_PARTITION_DEADLINE_MINUTES=0``; real
+    deployments (scheduler) are unaffected.
+
+    :param minutes: overrides the environment / default; ``0`` means no alert.
     """
-    interval = dt.timedelta(minutes=minutes if minutes is not None else _deadline_minutes())
+    minutes = minutes if minutes is not None else _deadline_minutes()
+    if minutes == 0:
+        return None
+    interval = dt.timedelta(minutes=minutes)
     return DeadlineAlert(
         reference=DeadlineReference.DAGRUN_QUEUED_AT,
         interval=interval,

@@ -55,6 +55,12 @@ class ReportConversionsOperator(BaseOperator):
                 with path.open("rb") as stream:
                     out.write(stream.read())
 
+        # envelope_expired.jsonl: events held back at send time because their envelope expired.
+        with storage.open_output(layout.envelope_expired) as out:
+            for path in storage.iter_output_files(layout.expired_dir):
+                with path.open("rb") as stream:
+                    out.write(stream.read())
+
         summary = build_summary(storage.partition, validation, results, run_id=context.get("run_id"))
         storage.write_json(layout.summary, summary)
         self.log.info("Partition %s summary: %s", storage.partition, json.dumps(summary, sort_keys=True))

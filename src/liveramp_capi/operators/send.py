@@ -62,9 +62,12 @@ class SendConversionsOperator(BaseOperator):
         self.max_batch_events = max_batch_events
 
     def execute(self, context: Any) -> dict[str, Any]:
+        import time
+
         import orjson
 
-        from liveramp_capi.domain.batches import Batch, cut_batches
+        from liveramp_capi.domain.batches import Batch
+        from liveramp_capi.domain.envelopes import cut_resolved_batches, resolve_session
         from liveramp_capi.domain.partition import InvalidPartition, InvalidRoot
         from liveramp_capi.domain.sessions import read_shard, sessionise
         from liveramp_capi.domain.statedb import StateDatabaseUnavailable, check_reachable
@@ -85,6 +88,7 @@ class SendConversionsOperator(BaseOperator):
         try:
             check_reachable(state.get_engine())
             ledger = state.get_ledger()
+            envelope_store = state.get_envelope_store()
         except StateDatabaseUnavailable as err:
             raise AirflowException(f"state database unavailable, nothing sent: {err}") from None
 
@@ -94,7 +98,7 @@ class SendConversionsOperator(BaseOperator):
 
         shard_count = int(storage.read_json(layout.validation)["shard_count"])
         # A result or failure list from an earlier try must not be counted for this one.
-        for stale in (layout.result(shard), layout.failed_part(shard)):
+        for stale in (layout.result(shard), layout.failed_part(shard), layout.expired_part(shard)):
             if storage.exists(stale):
                 (storage.output_dir / stale).unlink()
 
@@ -112,6 +116,13 @@ class SendConversionsOperator(BaseOperator):
             )
         with storage.output(layout.shard(shard)).open("rb") as stream:
             sessions = list(sessionise(read_shard(stream), gap_seconds=self.session_gap_seconds))
+        # Envelope resolution: the freshest unexpired envelope per user key, the record's own or
+        # the store's; one look-up for the shard (chunked), decided at send time.
+        now = int(time.time())
+        stored = envelope_store.resolve(
+            {entry.user_key for session in sessions for entry in session.entries if entry.user_key}, now=now
+        )
+        expired_lines: list[bytes] = []
 
         counts: Counter[str] = Counter(
             sessions=len(sessions), unknown_outcome_batches=len(unknown_outcome)
@@ -124,7 +135,32 @@ class SendConversionsOperator(BaseOperator):
             group: list[Batch] = []
             for session in sessions:
                 counts["events"] += len(session.entries)
-                for batch in cut_batches(session, partition=partition, max_events=max_events):
+                resolved = resolve_session(session, stored, now)
+                counts["envelope_replaced_events"] += resolved.replaced
+                for entry in resolved.expired:
+                    counts["envelope_expired_events"] += 1
+                    expired_lines.append(
+                        b"".join(
+                            (
+                                orjson.dumps(
+                                    {
+                                        "partition": partition,
+                                        "shard": shard,
+                                        "event_id": entry.event_id,
+                                        "code": "envelope_expired",
+                                        "reason": "envelope expired",
+                                        "envelope_expires_at": entry.envelope_expires_at,
+                                    }
+                                )[:-1],
+                                b',"record":',
+                                entry.event_json,
+                                b"}",
+                            )
+                        )
+                    )
+                # Batch ids come from the events as spilled, so a store refreshed between two
+                # runs does not change them (the ledger still recognises what was acknowledged).
+                for batch in cut_resolved_batches(resolved, partition=partition, max_events=max_events):
                     if batch.batch_id in acknowledged:
                         counts["previously_delivered_events"] += batch.event_count
                         continue
@@ -176,6 +212,9 @@ class SendConversionsOperator(BaseOperator):
             ledger.record_failed(partition, failures, run_id)
             with storage.open_output(layout.failed_part(shard)) as out:
                 out.write(b"\n".join(failed_lines) + b"\n")
+        if expired_lines:
+            with storage.open_output(layout.expired_part(shard)) as out:
+                out.write(b"\n".join(expired_lines) + b"\n")
         counts["batches_sent"] = counts["batches"]
         counts["requests"] = int(getattr(stats, "requests", 0))
         counts["retries"] = int(getattr(stats, "retries", 0))
@@ -184,7 +223,8 @@ class SendConversionsOperator(BaseOperator):
         storage.write_json(layout.result(shard), result)
         self.log.info(
             "Shard %d: %d sessions, %d batches sent, %d events delivered now, %d delivered earlier, "
-            "%d events in %d failed batches, %d requests, %d retries",
+            "%d events in %d failed batches, %d held back (envelope expired), %d with the store's fresher "
+            "envelope, %d requests, %d retries",
             shard,
             counts["sessions"],
             counts["batches"],
@@ -192,6 +232,8 @@ class SendConversionsOperator(BaseOperator):
             counts["previously_delivered_events"],
             counts["failed_events"],
             counts["failed_batches"],
+            counts["envelope_expired_events"],
+            counts["envelope_replaced_events"],
             counts["requests"],
             counts["retries"],
         )

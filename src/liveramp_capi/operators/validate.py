@@ -7,12 +7,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 #: Rough bytes of one event on disk, uncompressed, and the compression ratio of gzip on JSONL;
 #: only used to choose how many shards a partition is cut into before it has been read.
 _BYTES_PER_EVENT = 450
 _GZIP_RATIO = 6
+#: Envelope store rows upserted per statement batch.
+_ENVELOPE_UPSERT_BATCH = 2000
 
 
 class ValidateConversionsOperator(BaseOperator):
@@ -36,6 +38,8 @@ class ValidateConversionsOperator(BaseOperator):
     :param reference_time: Unix seconds the age window is measured from (default: now).
     :param events_per_shard: how many events one send task handles at most (memory bound).
     :param max_line_bytes: longer input lines are rejected unread.
+    :param capi_state_conn_id: the state database connection; accepted records with a
+        ``user_key`` and an envelope are upserted into its envelope store (newer envelopes win).
     """
 
     template_fields: Sequence[str] = (
@@ -63,6 +67,7 @@ class ValidateConversionsOperator(BaseOperator):
         reference_time: int | str | None = None,
         events_per_shard: int | str = 100_000,
         max_line_bytes: int = 1_048_576,
+        capi_state_conn_id: str = "capi_state_default",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -76,6 +81,7 @@ class ValidateConversionsOperator(BaseOperator):
         self.reference_time = reference_time
         self.events_per_shard = events_per_shard
         self.max_line_bytes = max_line_bytes
+        self.capi_state_conn_id = capi_state_conn_id
 
     def _settings(self) -> tuple[float, int, bool, int]:
         try:
@@ -95,16 +101,19 @@ class ValidateConversionsOperator(BaseOperator):
         import orjson
 
         from liveramp_capi.domain.checks import DuplicateEventIds, EventTimeWindow
+        from liveramp_capi.domain.envelopes import EnvelopeRecord
         from liveramp_capi.domain.partition import InvalidPartition, InvalidRoot
         from liveramp_capi.domain.schema import EventSchemaValidator
         from liveramp_capi.domain.sessions import ShardWriter, plan_shard_count, session_grouping_key
         from liveramp_capi.domain.sources import iter_source_records
+        from liveramp_capi.domain.statedb import StateDatabaseUnavailable, check_reachable
         from liveramp_capi.domain.validation import (
             Accepted,
             RecordValidator,
             Rejected,
             ValidationTally,
         )
+        from liveramp_capi.hooks.state import CapiStateHook
         from liveramp_capi.storage import PartitionStorage
 
         max_ratio, max_age_days, allow_custom, now = self._settings()
@@ -130,6 +139,16 @@ class ValidateConversionsOperator(BaseOperator):
         # A rerun rewrites every shard: leftovers of an earlier run with another shard count
         # would otherwise be sent twice.
         storage.clear(layout.shards_dir)
+        # The envelope store learns every user's newest envelope from the records; upserts are
+        # batched, and a rerun leaves it as one run would (the newer issued_at wins).
+        state = CapiStateHook(capi_state_conn_id=self.capi_state_conn_id)
+        try:
+            check_reachable(state.get_engine())
+            envelope_store = state.get_envelope_store()
+        except StateDatabaseUnavailable as err:
+            raise AirflowException(f"state database unavailable, envelope store not updated: {err}") from None
+        envelope_records: list[EnvelopeRecord] = []
+        envelopes_upserted = 0
         started = time.monotonic()
         with (
             storage.open_output(layout.rejected) as rejected_out,
@@ -143,17 +162,29 @@ class ValidateConversionsOperator(BaseOperator):
                         tally.add(outcome)
                         if isinstance(outcome, Accepted):
                             pipeline = outcome.pipeline
+                            envelope = EnvelopeRecord.from_accepted(
+                                outcome.event, pipeline, outcome.event_time, now
+                            )
                             shards.write(
                                 session_grouping_key(outcome.event, pipeline.get("session_id")),
                                 outcome.event_time,
                                 outcome.event_id,
                                 pipeline.get("user_key"),
                                 outcome.event,
+                                envelope.issued_at if envelope else None,
+                                envelope.expires_at if envelope else None,
                             )
+                            if envelope is not None:
+                                envelope_records.append(envelope)
+                                if len(envelope_records) >= _ENVELOPE_UPSERT_BATCH:
+                                    envelopes_upserted += envelope_store.upsert(envelope_records)
+                                    envelope_records.clear()
                         elif isinstance(outcome, Rejected):
                             rejected_out.write(orjson.dumps(outcome.to_json_dict()) + b"\n")
                 self.log.info("Validated %s: %d records read so far", name, tally.read)
             shard_counts = list(shards.counts)
+        if envelope_records:
+            envelopes_upserted += envelope_store.upsert(envelope_records)
         elapsed = time.monotonic() - started
 
         exceeded = tally.rejected_ratio > max_ratio
@@ -168,6 +199,7 @@ class ValidateConversionsOperator(BaseOperator):
             "max_invalid_ratio": max_ratio,
             "rejected_ratio_exceeded": exceeded,
             "seconds": round(elapsed, 3),
+            "envelope_store_upserts": envelopes_upserted,
         }
         storage.write_json(layout.validation, validation)
         self.log.info(

@@ -1,0 +1,79 @@
+"""
+### Keep ATS identity envelopes alive: the daily envelope refresh
+
+ATS envelopes expire 30 days after they were issued (15 days for California: GPP section 8).
+The conversions pipeline keeps the newest envelope of every advertiser user key in the envelope
+store (`capi_envelope_store` in the state database, connection `capi_state_default`); this DAG
+refreshes the ones that expire within `capi_envelope_refresh_horizon_days` (default 7) through
+LiveRamp's envelope refresh API (connection `liveramp_envelope_default`: base URL, extra `pid`
+and `origin`), so offline conversions sent weeks later still carry a live envelope.
+
+| task | what it does |
+|---|---|
+| `plan` | marks expired rows, counts the rows due, splits them into slices by a stable hash of the user key |
+| `refresh` | one mapped task per slice: pages through its rows, many requests in flight, retries with backoff and `Retry-After`, a rate ceiling; stores each new envelope, or the failure reason (the old envelope is kept) |
+| `report` | writes `<capi_output_root>/envelope_refresh/<date>/summary.json` (selected, refreshed, failed by reason, skipped for consent) and fails above `capi_envelope_refresh_max_failure_ratio` (default 0.1) |
+
+Rows without consent are never sent; they are counted as *skipped for consent*. A rerun of the
+day refreshes only what is still due. Only counts are logged.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+from airflow.sdk import DAG
+
+from liveramp_capi.notifiers import default_failure_notifier
+from liveramp_capi.operators.refresh import (
+    PlanEnvelopeRefreshOperator,
+    RefreshEnvelopesOperator,
+    ReportEnvelopeRefreshOperator,
+)
+
+_AIRFLOW_HOME = os.environ.get("AIRFLOW_HOME", os.path.expanduser("~/airflow"))
+OUTPUT_ROOT = "{{ var.value.get('capi_output_root', '" + f"file://{_AIRFLOW_HOME}/capi/output" + "') }}"
+RUN_DATE = "{{ ds }}"
+
+with DAG(
+    dag_id="ats_envelope_refresh",
+    description="Refresh ATS identity envelopes before they expire",
+    doc_md=__doc__,
+    # Daily, after the conversions run (03:00 UTC) has upserted the day's envelopes.
+    schedule="30 5 * * *",
+    start_date=dt.datetime(2026, 11, 1, tzinfo=dt.UTC),
+    catchup=False,
+    # Two runs at once would refresh the same rows twice.
+    max_active_runs=1,
+    tags=["liveramp", "ats", "envelopes"],
+    on_failure_callback=default_failure_notifier("envelope refresh failed"),
+    default_args={
+        "owner": "data-engineering",
+        "retries": 2,
+        "retry_delay": dt.timedelta(minutes=5),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": dt.timedelta(minutes=30),
+    },
+) as dag:
+    plan = PlanEnvelopeRefreshOperator(
+        task_id="plan",
+        run_date=RUN_DATE,
+        output_root=OUTPUT_ROOT,
+        horizon_days="{{ var.value.get('capi_envelope_refresh_horizon_days', '7') }}",
+        slices="{{ var.value.get('capi_envelope_refresh_slices', '0') }}",
+    )
+    refresh = RefreshEnvelopesOperator.partial(
+        task_id="refresh",
+        run_date=RUN_DATE,
+        output_root=OUTPUT_ROOT,
+        map_index_template="slice {{ task.slice_index }}",
+    ).expand_kwargs(plan.output)
+    report = ReportEnvelopeRefreshOperator(
+        task_id="report",
+        run_date=RUN_DATE,
+        output_root=OUTPUT_ROOT,
+        max_failure_ratio="{{ var.value.get('capi_envelope_refresh_max_failure_ratio', '0.1') }}",
+    )
+
+    plan >> refresh >> report

@@ -1,0 +1,618 @@
+"""`make bench`: how fast and how lean the pipeline is, against baselines measured in the same run.
+
+Generates a deterministic partition (``include/bench_data.py``, seeded), starts the local
+stand-in of LiveRamp's endpoints (NOT LiveRamp) with 50 ms latency, then measures:
+
+1. validation: read + parse + schema + time window + dedupe of JSONL records, in events per
+   CPU-second of this one process (one core), against the plain ``jsonschema`` validator on the
+   same events;
+2. delivery: requests/s of the production sender (``BatchSender``) against the sequential
+   ``HttpHook.run`` path (``LiveRampCapiHook.send_batch_sequential``) and a bare aiohttp client
+   with the same number of requests in flight, side by side;
+3. end to end: ``tiktok_conversions`` run with ``dag.test()`` in a child process on a gzip JSONL
+   partition of ``--events`` records, every event accounted for in ``summary.json`` and, from
+   the stand-in's record file, delivered exactly once;
+4. memory: the peak RSS while each task ran, at ``--events`` and at a tenth of it.
+
+It prints ONE table (figure, value, baseline, ratio, target, met). The machine may be shared:
+ratios against baselines measured in the same run are what to compare. ``--json PATH`` also
+writes the rows (the test suite runs ``--quick`` at a small size and checks the table's shape).
+
+Usage: ``python include/bench.py [--events 1000000] [--quick] [--workdir .bench] [--json out.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import io
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "include"))
+sys.path.insert(0, str(REPO / "tests"))
+
+from bench_data import iter_partition_lines, write_partition  # noqa: E402
+
+SEED = 20261124
+CONFIG_ID = "cfg-bench-5a1e"
+PARTITION = "2026-11-20"
+
+
+@dataclass(slots=True)
+class Row:
+    """One line of the result table.
+
+    :param figure: what was measured.
+    :param value: the measured value.
+    :param unit: unit of ``value`` and ``baseline``.
+    :param baseline: what it is compared with, measured in the same run (None: no baseline).
+    :param ratio: value / baseline (or as the target defines it).
+    :param target: the target, in words.
+    :param met: whether the target is met (None: informational row).
+    """
+
+    figure: str
+    value: float
+    unit: str
+    baseline: float | None = None
+    ratio: float | None = None
+    target: str = ""
+    met: bool | None = None
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    text = f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.2f}"
+    return f"{text} {unit}".strip()
+
+
+def print_table(rows: list[Row]) -> None:
+    """Print the rows as one aligned table.
+
+    :param rows: the measured rows.
+    """
+    header = ("figure", "value", "baseline", "ratio", "target", "met")
+    cells = [
+        (
+            row.figure,
+            _fmt(row.value, row.unit),
+            _fmt(row.baseline, row.unit),
+            "-" if row.ratio is None else f"{row.ratio:,.2f}x",
+            row.target or "-",
+            "-" if row.met is None else ("yes" if row.met else "NO"),
+        )
+        for row in rows
+    ]
+    widths = [max(len(str(c[i])) for c in [header, *cells]) for i in range(len(header))]
+    line = "+".join("-" * (w + 2) for w in widths)
+    print("|" + "|".join(f" {h:<{w}} " for h, w in zip(header, widths, strict=True)) + "|")
+    print("|" + line + "|")
+    for c in cells:
+        print("|" + "|".join(f" {str(v):<{w}} " for v, w in zip(c, widths, strict=True)) + "|")
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _cpu_rate(count: int, func: Any) -> float:
+    """Run ``func`` and return ``count`` per CPU-second of this process (one core)."""
+    started = time.process_time()
+    func()
+    return count / max(time.process_time() - started, 1e-9)
+
+
+def measure_validation(lines: list[bytes], baseline_events: int) -> list[Row]:
+    """Validation throughput of the pipeline against plain ``jsonschema``.
+
+    :param lines: JSONL records (valid, invalid and repeated ones, as generated).
+    :param baseline_events: how many of them the (slow) reference validator gets.
+    """
+    import jsonschema
+
+    from liveramp_capi.domain.checks import DuplicateEventIds, EventTimeWindow
+    from liveramp_capi.domain.schema import EventSchemaValidator, load_event_schema
+    from liveramp_capi.domain.sources import iter_source_records
+    from liveramp_capi.domain.validation import RecordValidator
+
+    data = b"\n".join(lines) + b"\n"
+    now = _day_start(PARTITION) + 86_400
+    schema_validator = EventSchemaValidator()
+
+    def pipeline() -> None:
+        validator = RecordValidator(schema_validator, EventTimeWindow(now), DuplicateEventIds())
+        for record in iter_source_records("bench.jsonl", io.BytesIO(data)):
+            validator.check(record)
+
+    pipeline()  # warm up (imports, caches)
+    ours = max(_cpu_rate(len(lines), pipeline) for _ in range(2))
+
+    parsed = []
+    for line in lines[:baseline_events]:
+        try:
+            parsed.append(json.loads(line))
+        except ValueError:
+            continue
+    schema = load_event_schema()
+    reference = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+
+    def plain() -> None:
+        for event in parsed:
+            reference.is_valid(event)
+
+    baseline = _cpu_rate(len(parsed), plain)
+    fast = schema_validator._fast  # the compiled first pass alone, for information
+    fast_rate = max(_cpu_rate(len(parsed), lambda: [fast.is_valid(e) for e in parsed]) for _ in range(3))
+    ratio = ours / baseline
+    return [
+        Row(
+            "validation: read+parse+schema+window+dedupe (1 core)",
+            ours,
+            "ev/s",
+            baseline,
+            ratio,
+            ">= 100,000 ev/s and >= 20x jsonschema",
+            ours >= 100_000 and ratio >= 20,
+        ),
+        Row("  (info) jsonschema-rs is_valid alone", fast_rate, "ev/s", baseline, fast_rate / baseline),
+    ]
+
+
+# ---------------------------------------------------------------------------- delivery
+
+
+def _bodies(lines: list[bytes], count: int) -> list[bytes]:
+    """``count`` request bodies of 3 to 5 valid events each (the default session size)."""
+    import orjson
+
+    events = []
+    for line in lines:
+        try:
+            value = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        for name in ("session_id", "user_key", "envelope_issued_at", "consent", "client_ip"):
+            value.pop(name, None)
+        events.append(orjson.dumps(value))
+    bodies = []
+    index = 0
+    for number in range(count):
+        size = 3 + number % 3
+        chunk = [events[(index + i) % len(events)] for i in range(size)]
+        index += size
+        bodies.append(b'{"events":[' + b",".join(chunk) + b"]}")
+    return bodies
+
+
+async def _bare_aiohttp(url: str, bodies: list[bytes], concurrency: int) -> float:
+    """Requests/s of a minimal aiohttp client: the ceiling of Python on this machine."""
+    import aiohttp
+
+    iterator = iter(bodies)
+    failures = 0
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal failures
+        for body in iterator:
+            async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+                await response.read()
+                failures += response.status != 200
+
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
+    async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    if failures:
+        raise RuntimeError(f"bare aiohttp client: {failures} requests failed")
+    return len(bodies) / elapsed
+
+
+def _sender_rate(standin_url: str, bodies: list[bytes], concurrency: int) -> float:
+    from liveramp_capi.delivery.sender import BatchSender, RawBatch
+    from liveramp_capi.delivery.settings import CapiSettings
+
+    settings = CapiSettings(concurrency=concurrency, verify_tls=False)
+    sender = BatchSender(standin_url, CONFIG_ID, settings)
+    batches = [RawBatch(f"b{i}", 3 + i % 3, body) for i, body in enumerate(bodies)]
+    failed = 0
+
+    def on_outcome(batch: Any, outcome: Any) -> None:
+        nonlocal failed
+        failed += not outcome.acknowledged
+
+    stats = sender.deliver_sync(batches, on_outcome)
+    if failed:
+        raise RuntimeError(f"BatchSender: {failed} batches failed")
+    return stats.requests / stats.elapsed_seconds
+
+
+def _sequential_rate(standin_url: str, bodies: list[bytes]) -> float:
+    os.environ["AIRFLOW_CONN_LIVERAMP_CAPI_BENCH"] = json.dumps(
+        {"conn_type": "liveramp_capi", "host": standin_url, "password": CONFIG_ID, "extra": {"verify_tls": False}}
+    )
+    from liveramp_capi.hooks.capi import LiveRampCapiHook
+
+    hook = LiveRampCapiHook(liveramp_capi_conn_id="liveramp_capi_bench")
+    hook.send_batch_sequential(bodies[0])  # connection set-up outside the timing
+    started = time.perf_counter()
+    for body in bodies:
+        status = hook.send_batch_sequential(body)
+        if status != 200:
+            raise RuntimeError(f"sequential HttpHook: HTTP {status}")
+    return len(bodies) / (time.perf_counter() - started)
+
+
+def measure_delivery(standin_url: str, lines: list[bytes], requests: int, sequential: int, concurrency: int) -> list[Row]:
+    """Delivery rates of the sender, a bare aiohttp client and sequential ``HttpHook.run``.
+
+    :param standin_url: the stand-in's base URL (50 ms latency).
+    :param lines: generated records to build bodies from.
+    :param requests: requests per concurrent measurement.
+    :param sequential: requests of the sequential baseline.
+    :param concurrency: requests in flight for both concurrent clients.
+    """
+    bodies = _bodies(lines, requests)
+    url = f"{standin_url}/send-events/{CONFIG_ID}"
+    seq = _sequential_rate(standin_url, bodies[:sequential])
+    # Alternate the two concurrent clients and keep each one's best, so both see the same noise.
+    bare_runs, sender_runs = [], []
+    for _ in range(2):
+        bare_runs.append(asyncio.run(_bare_aiohttp(url, bodies, concurrency)))
+        sender_runs.append(_sender_rate(standin_url, bodies, concurrency))
+    bare, ours = max(bare_runs), max(sender_runs)
+    return [
+        Row(
+            f"delivery: BatchSender, {concurrency} in flight, 3-5 ev/req",
+            ours,
+            "req/s",
+            seq,
+            ours / seq,
+            ">= 2,000 req/s and >= 50x sequential HttpHook.run",
+            ours >= 2_000 and ours / seq >= 50,
+        ),
+        Row(
+            "delivery: BatchSender vs bare aiohttp (same in flight)",
+            ours,
+            "req/s",
+            bare,
+            ours / bare,
+            ">= 0.80x bare aiohttp",
+            ours / bare >= 0.8,
+        ),
+    ]
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+def _day_start(partition: str) -> int:
+    return int(dt.datetime.fromisoformat(partition).replace(tzinfo=dt.UTC).timestamp())
+
+
+def _airflow_env(home: Path, root: Path, standin_url: str, concurrency: int) -> dict[str, str]:
+    env = os.environ.copy()
+    env.update(
+        {
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+            "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
+            "CAPI_SCHEMA_PATH": str(REPO / "include" / "schemas" / "tiktok_event.schema.json"),
+            # dag.test() in Airflow 3.3.2 crashes on a successful run of a DAG with a deadline alert.
+            "CAPI_PARTITION_DEADLINE_MINUTES": "0",
+            "AIRFLOW_CONN_LIVERAMP_CAPI_DEFAULT": json.dumps(
+                {
+                    "conn_type": "liveramp_capi",
+                    "host": standin_url,
+                    "password": CONFIG_ID,
+                    "extra": {"concurrency": concurrency, "timeout_seconds": 30, "verify_tls": False},
+                }
+            ),
+            "AIRFLOW_CONN_CAPI_STATE_DEFAULT": json.dumps({"conn_type": "sqlite", "host": str(root / "state.db")}),
+            "AIRFLOW_VAR_CAPI_LANDING_ROOT": f"file://{root / 'landing'}",
+            "AIRFLOW_VAR_CAPI_OUTPUT_ROOT": f"file://{root / 'output'}",
+            # Generated event times lie in the partition's day; measure their age from its end.
+            "AIRFLOW_VAR_CAPI_MAX_EVENT_AGE_DAYS": str(max(28, int(time.time() - _day_start(PARTITION)) // 86_400 + 2)),
+        }
+    )
+    return env
+
+
+def _ensure_airflow_db(home: Path, env: dict[str, str]) -> None:
+    marker = home / ".migrated"
+    if marker.exists():
+        return
+    home.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    marker.touch()
+
+
+def run_dag_child(partition: str, out: str) -> int:
+    """Child-process entry: run ``tiktok_conversions`` with ``dag.test()``, sampling memory per task.
+
+    Under ``dag.test()`` every task runs in this one process, one after another; a thread samples
+    the process's RSS every 20 ms and files each sample under the task running at that moment,
+    so each task's figure is the peak RSS of the process while it ran (an upper bound of what
+    the task would need alone: the interpreter and Airflow are included).
+
+    :param partition: the partition to run.
+    :param out: where to write the JSON result.
+    """
+    import psutil
+    from airflow.dag_processing.dagbag import DagBag
+
+    from liveramp_capi.operators.extract import ExtractPartitionOperator
+    from liveramp_capi.operators.report import ReportConversionsOperator
+    from liveramp_capi.operators.send import SendConversionsOperator
+    from liveramp_capi.operators.validate import ValidateConversionsOperator
+
+    current: list[str | None] = [None]
+    peaks: dict[str, int] = {}
+    seconds: dict[str, float] = {}
+
+    def wrap(cls: Any) -> None:
+        original = cls.execute
+
+        def execute(self: Any, context: Any) -> Any:
+            index = getattr(context.get("ti"), "map_index", -1)
+            label = self.task_id if index is None or index < 0 else f"{self.task_id}[{index}]"
+            current[0] = label
+            started = time.perf_counter()
+            try:
+                return original(self, context)
+            finally:
+                seconds[label] = time.perf_counter() - started
+                current[0] = None
+
+        cls.execute = execute
+
+    for cls in (ExtractPartitionOperator, ValidateConversionsOperator, SendConversionsOperator, ReportConversionsOperator):
+        wrap(cls)
+
+    process = psutil.Process()
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            label = current[0]
+            if label is not None:
+                rss = process.memory_info().rss
+                if rss > peaks.get(label, 0):
+                    peaks[label] = rss
+            stop.wait(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    bag = DagBag(dag_folder=str(REPO / "dags" / "tiktok_conversions.py"))
+    if bag.import_errors:
+        raise RuntimeError(f"DAG import errors: {bag.import_errors}")
+    started = time.perf_counter()
+    dag_run = bag.get_dag("tiktok_conversions").test(run_conf={"partition": partition})
+    elapsed = time.perf_counter() - started
+    stop.set()
+    sampler.join()
+    result = {
+        "state": str(dag_run.state),
+        "seconds": elapsed,
+        "task_seconds": seconds,
+        "task_peak_rss": peaks,
+        "process_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    Path(out).write_text(json.dumps(result))
+    return 0
+
+
+def run_end_to_end(workdir: Path, airflow_home: Path, events: int, latency_ms: float, concurrency: int) -> dict[str, Any]:
+    """Generate a partition, run the DAG on it against a fresh stand-in, check every count.
+
+    :param workdir: scratch folder (landing, output, state DB, record file).
+    :param airflow_home: a folder for the Airflow metadata DB (migrated when needed).
+    :param events: records in the partition.
+    :param latency_ms: the stand-in's latency.
+    :param concurrency: the connection's ``concurrency`` extra.
+    :return: timings, memory, counts and the checks.
+    """
+    from standin_fixture import running_standin
+
+    root = workdir / f"e2e-{events}"
+    if root.exists():
+        shutil.rmtree(root)
+    folder = root / "landing" / f"dt={PARTITION}"
+    counts = write_partition(folder, events, seed=SEED, day_start=_day_start(PARTITION))
+    record_file = root / "received.jsonl"
+    with running_standin(
+        "--latency-ms", str(latency_ms), "--no-keep-in-memory", "--record-file", str(record_file), config_id=CONFIG_ID
+    ) as standin:
+        env = _airflow_env(airflow_home, root, standin.url, concurrency)
+        _ensure_airflow_db(airflow_home, env)
+        out = root / "run.json"
+        log = root / "run.log"
+        started = time.perf_counter()
+        with log.open("wb") as stream:
+            code = subprocess.run(
+                [sys.executable, __file__, "--run-dag", PARTITION, "--run-dag-out", str(out)],
+                env=env, stdout=stream, stderr=subprocess.STDOUT, check=False,
+            ).returncode
+        wall = time.perf_counter() - started
+        stats = standin.stats()
+    if code != 0 or not out.exists():
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"the DAG run failed (exit {code}); log tail:\n{tail}")
+    run = json.loads(out.read_text())
+    summary = json.loads((root / "output" / f"dt={PARTITION}" / "summary.json").read_text())
+    received: Counter[tuple[str, str]] = Counter()
+    with record_file.open("rb") as stream:
+        import orjson
+
+        for line in stream:
+            for event in orjson.loads(line)["events"]:
+                received[(event["event_type"], event["event_id"])] += 1
+    sent_twice = sum(1 for n in received.values() if n > 1)
+    checks = {
+        "dag_run_success": run["state"] == "success",
+        "read == records generated": summary["read"] == counts.records,
+        "rejected == broken records": summary["rejected"] == counts.invalid,
+        "duplicates == repeated records": summary["duplicates"] == counts.duplicates,
+        "valid == delivered_events": summary["valid"] == summary["delivered_events"] == counts.valid_unique,
+        "read == valid + rejected + duplicates": summary["read"]
+        == summary["valid"] + summary["rejected"] + summary["duplicates"],
+        "record file: every valid event once": len(received) == counts.valid_unique and sent_twice == 0,
+        "summary checks": all(summary.get("checks", {}).values()),
+    }
+    return {
+        "events": events,
+        "counts": asdict(counts),
+        "wall_seconds": wall,
+        "dag_seconds": run["seconds"],
+        "task_seconds": run["task_seconds"],
+        "task_peak_rss": run["task_peak_rss"],
+        "process_max_rss": run["process_max_rss"],
+        "summary": {k: summary.get(k) for k in ("read", "valid", "rejected", "duplicates", "sessions", "batches",
+                                                  "delivered_events", "failed_events", "status")},
+        "standin_requests": stats.get("requests"),
+        "checks": checks,
+    }
+
+
+def _task_kind(label: str) -> str:
+    return label.split("[", 1)[0]
+
+
+def end_to_end_rows(big: dict[str, Any], small: dict[str, Any]) -> list[Row]:
+    """Rows for the end-to-end run and the memory figures.
+
+    :param big: :func:`run_end_to_end` at the full size.
+    :param small: the same at a tenth of it.
+    """
+    rows = [
+        Row(
+            f"end to end: {big['events']:,} records, {big['summary']['sessions']:,} sessions (DAG run)",
+            big["dag_seconds"],
+            "s",
+            target="< 300 s, every event accounted for",
+            met=big["dag_seconds"] < 300 and all(big["checks"].values()),
+        ),
+        Row(
+            "  counts add up (summary.json + stand-in record file)",
+            sum(big["checks"].values()),
+            "checks",
+            ratio=None,
+            target=f"{len(big['checks'])} of {len(big['checks'])}",
+            met=all(big["checks"].values()),
+        ),
+    ]
+    for kind in ("validate", "send", "report"):
+        per = [v for k, v in big["task_seconds"].items() if _task_kind(k) == kind]
+        if per:
+            rate = big["events"] / sum(per) if kind == "validate" else None
+            rows.append(
+                Row(f"  (info) {kind}: {len(per)} task(s), total", sum(per), "s", baseline=None,
+                    ratio=None, target=f"{rate:,.0f} records/s" if rate else "")
+            )
+    mib = 1024 * 1024
+    for kind in ("extract", "validate", "send", "report"):
+        peak_big = max((v for k, v in big["task_peak_rss"].items() if _task_kind(k) == kind), default=0)
+        peak_small = max((v for k, v in small["task_peak_rss"].items() if _task_kind(k) == kind), default=0)
+        if not peak_big or not peak_small:
+            continue
+        growth = peak_big / peak_small
+        rows.append(
+            Row(
+                f"memory: {kind} peak RSS, {big['events']:,} vs {small['events']:,} records",
+                peak_big / mib,
+                "MiB",
+                peak_small / mib,
+                growth,
+                "< 1024 MiB, growth <= 1.5x",
+                peak_big < 1024 * mib and growth <= 1.5,
+            )
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def _generated_lines(count: int) -> list[bytes]:
+    return [line for line, _ in iter_partition_lines(count, seed=SEED, day_start=_day_start(PARTITION))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print the table.
+
+    :param argv: command-line arguments (default ``sys.argv[1:]``).
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=None, help="records of the end-to-end partition (default 1,000,000; --quick: 3,000)")
+    parser.add_argument("--quick", action="store_true", help="small sizes everywhere (a smoke run, not a measurement)")
+    parser.add_argument("--workdir", type=Path, default=REPO / ".bench", help="scratch folder (default .bench/)")
+    parser.add_argument("--airflow-home", type=Path, default=None, help="Airflow home (default WORKDIR/airflow)")
+    parser.add_argument("--latency-ms", type=float, default=50.0)
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows and details as JSON")
+    parser.add_argument("--skip-end-to-end", action="store_true", help="only the validation and delivery figures")
+    parser.add_argument("--run-dag", help=argparse.SUPPRESS)
+    parser.add_argument("--run-dag-out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.run_dag:
+        return run_dag_child(args.run_dag, args.run_dag_out)
+
+    events = args.events or (3_000 if args.quick else 1_000_000)
+    validation_records = min(events, 200_000) if not args.quick else min(events, 5_000)
+    baseline_records = 500 if args.quick else 3_000
+    requests = 600 if args.quick else 20_000
+    sequential = 10 if args.quick else 60
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    airflow_home = args.airflow_home or (args.workdir / "airflow")
+
+    print(f"bench: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, seed {SEED}; "
+          f"end to end on {events:,} records; stand-in latency {args.latency_ms:g} ms", flush=True)
+    rows: list[Row] = []
+    details: dict[str, Any] = {}
+    lines = _generated_lines(max(validation_records, requests * 5 // 3))
+    print("1/4 validation ...", flush=True)
+    rows += measure_validation(lines[:validation_records], baseline_records)
+
+    print("2/4 delivery ...", flush=True)
+    from standin_fixture import running_standin
+
+    with running_standin("--latency-ms", str(args.latency_ms), "--no-keep-in-memory", config_id=CONFIG_ID) as standin:
+        rows += measure_delivery(standin.url, lines, requests, sequential, args.concurrency)
+    del lines
+
+    if not args.skip_end_to_end:
+        print(f"3/4 end to end, {events:,} records ...", flush=True)
+        big = run_end_to_end(args.workdir, airflow_home, events, args.latency_ms, args.concurrency)
+        small_events = max(events // 10, 100)
+        print(f"4/4 end to end, {small_events:,} records (memory growth) ...", flush=True)
+        small = run_end_to_end(args.workdir, airflow_home, small_events, args.latency_ms, args.concurrency)
+        rows += end_to_end_rows(big, small)
+        details = {"end_to_end": big, "end_to_end_small": small}
+
+    print()
+    print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows], **details}, indent=1))
+    return 0 if all(r.met is not False for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
