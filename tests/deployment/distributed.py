@@ -50,11 +50,13 @@ def free_port() -> int:
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: float = 1.0,
-             diagnose: Callable[[], str] | None = None) -> Any:
+             diagnose: Callable[[], str] | None = None, abort: Callable[[], str | None] | None = None) -> Any:
     """Poll ``check`` until it returns something truthy; fail with ``what`` (and a diagnosis) after ``timeout``."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:
+        if abort is not None and (reason := abort()):
+            raise AssertionError(f"gave up waiting for {what}: {reason}\n{diagnose() if diagnose else ''}")
         try:
             value = check()
             if value:
@@ -71,6 +73,7 @@ class Component:
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    killed: bool = False
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -83,6 +86,7 @@ class Component:
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the component and every process it started (its session's process group)."""
+        self.killed = True
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, sig)
 
@@ -244,6 +248,11 @@ class Deployment:
     def stop_all(self) -> None:
         for component in reversed(list(self.components.values())):
             component.stop()
+
+    def dead(self) -> str | None:
+        """Which component exited unexpectedly (a worker killed on purpose is removed from the list)."""
+        dead = [c.name for c in self.components.values() if not c.alive() and not getattr(c, "killed", False)]
+        return f"components exited: {dead}" if dead else None
 
     def diagnose(self) -> str:
         return "\n".join(

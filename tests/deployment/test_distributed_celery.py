@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import fcntl
 import json
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from deployment.distributed import (
     PG_HOST,
     PG_PORT,
@@ -87,7 +88,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     from standin_fixture import running_standin
 
     root = tmp_path_factory.mktemp("distributed")
-    with running_standin("--latency-ms", "100") as standin:
+    # One deployment at a time on this machine: two would share (and flush) the same Redis DB.
+    lock = (Path(tempfile.gettempdir()) / "capi-e2e-distributed.lock").open("w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    with lock, running_standin("--latency-ms", "100") as standin:
         deployment = Deployment(root=root, standin_url=standin.url, standin_config_id=standin.config_id)
         deployment.standin = standin  # type: ignore[attr-defined]
         deployment.flush_redis()
@@ -101,9 +105,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             deployment.start("dag-processor", "dag-processor")
             deployment.start_worker("worker-a")
             deployment.start_worker("worker-b")
-            wait_for("the api-server", lambda: deployment.call("GET", "/version"), 180, diagnose=deployment.diagnose)
+            wait_for("the api-server", lambda: deployment.call("GET", "/version"), 180, diagnose=deployment.diagnose, abort=deployment.dead)
             wait_for(f"{DAG_ID} to be parsed", lambda: deployment.call("GET", f"/dags/{DAG_ID}")["is_paused"] is False,
-                     180, diagnose=deployment.diagnose)
+                     180, diagnose=deployment.diagnose, abort=deployment.dead)
             deployment.timings["ready"] = time.monotonic() - started  # type: ignore[attr-defined]
             yield deployment
         finally:
@@ -121,7 +125,7 @@ def _wait_run(deployment: Deployment, run_id: str, timeout: float) -> str:
         state = deployment.run_state(DAG_ID, run_id)
         return state if state in ("success", "failed") else None
 
-    return wait_for(f"run {run_id} to finish", finished, timeout, interval=2, diagnose=deployment.diagnose)
+    return wait_for(f"run {run_id} to finish", finished, timeout, interval=2, diagnose=deployment.diagnose, abort=deployment.dead)
 
 
 def _summary(deployment: Deployment, partition: str) -> dict:
@@ -155,7 +159,7 @@ def test_partition_spreads_over_two_celery_workers_and_survives_a_killed_worker(
     assert summary["rejected"] == INVALID_PER_PARTITION
 
     # --- 2. a worker dies in the middle of a partition; clearing its tasks finishes it ---------
-    standin.config(latency_ms=1500)  # shards now take several seconds: time to be interrupted
+    standin.config(latency_ms=3000)  # a shard now sends for ~10 s: time to be interrupted
     valid_second = write_partition(landing, second, "B")
     started = time.monotonic()
     run_id = deployment.trigger(DAG_ID, {"partition": second})
@@ -170,8 +174,8 @@ def test_partition_spreads_over_two_celery_workers_and_survives_a_killed_worker(
         return None
 
     interrupted = wait_for("worker-b to run send tasks", worker_b_busy, 240, interval=0.5,
-                           diagnose=deployment.diagnose)
-    time.sleep(2.0)  # let them get some batches onto the wire
+                           diagnose=deployment.diagnose, abort=deployment.dead)
+    time.sleep(6.0)  # past start-up (parsing, reading the shard): batches are on the wire
     deployment.components["worker-b"].kill()
     measured["killed_worker_b_during_shards"] = interrupted
     measured["received_before_kill"] = sum(1 for i in standin.received_event_ids() if i.startswith("B-"))
@@ -181,7 +185,7 @@ def test_partition_spreads_over_two_celery_workers_and_survives_a_killed_worker(
         return sends if sends and all(ti["state"] in SETTLED for ti in sends) else None
 
     sends = wait_for("the killed worker's tasks to be declared lost", settled, 300, interval=2,
-                     diagnose=deployment.diagnose)
+                     diagnose=deployment.diagnose, abort=deployment.dead)
     lost = sorted(ti["map_index"] for ti in sends if ti["state"] != "success")
     measured["tasks_to_rerun"] = lost
     assert set(interrupted) <= set(lost)

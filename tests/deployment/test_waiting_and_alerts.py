@@ -142,7 +142,7 @@ def test_deadline_alert_is_configurable(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("CAPI_PARTITION_DEADLINE_MINUTES", "90")
     alert = partition_deadline_alert()
     assert alert.interval == dt.timedelta(minutes=90)
-    assert alert.reference == DeadlineReference.DAGRUN_QUEUED_AT
+    assert alert.reference == DeadlineReference.DAGRUN_LOGICAL_DATE
     assert isinstance(alert.callback, AsyncCallback)
     assert alert.callback.path == "liveramp_capi.notifiers.log.LogNotifier"
     monkeypatch.setenv("CAPI_PARTITION_DEADLINE_MINUTES", "0")

@@ -120,6 +120,7 @@ def write_partition(landing: Path, partition: str, users: int, *, seed: int = 7,
     for index in range(files):
         part = events[index::files]
         (folder / f"events-{index}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in part), encoding="utf-8")
+    (folder / "_SUCCESS").write_text("")  # the export's completion marker, which the DAG waits for
     info.folder = folder
     return info
 

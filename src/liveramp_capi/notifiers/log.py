@@ -13,7 +13,7 @@ from airflow.sdk import AsyncCallback, BaseNotifier, DeadlineAlert, DeadlineRefe
 
 #: Environment variable naming a factory of the failure notifier, ``module:callable`` or ``module.callable``.
 NOTIFIER_FACTORY_ENV = "CAPI_FAILURE_NOTIFIER"
-#: Environment variable holding the partition deadline, in minutes after the run was queued.
+#: Environment variable holding the partition deadline, in minutes after the run's logical date.
 DEADLINE_MINUTES_ENV = "CAPI_PARTITION_DEADLINE_MINUTES"
 #: The scheduled run starts at 03:00 UTC; a partition not finished by 09:00 UTC is late.
 DEFAULT_DEADLINE_MINUTES = 360
@@ -127,10 +127,14 @@ def _deadline_minutes() -> float:
 
 
 def partition_deadline_alert(minutes: float | None = None) -> DeadlineAlert | None:
-    """A deadline alert that flags a run not finished ``minutes`` after it was queued, or ``None`` when off.
+    """A deadline alert that flags a scheduled run not finished ``minutes`` after its logical date, or ``None`` when off.
 
     The default comes from ``CAPI_PARTITION_DEADLINE_MINUTES`` (360: the 03:00 UTC run must be
-    done by 09:00 UTC; ``0`` turns the alert off). A plain environment value rather than an
+    done by 09:00 UTC; ``0`` turns the alert off). The reference is the run's logical date, not
+    its queued time: in Airflow 3.3.2 clearing a task of a run with a ``DAGRUN_QUEUED_AT``
+    deadline fails (``_recalculate_dagrun_queued_at_deadlines`` reads the interval as seconds,
+    but it is stored as JSON), which would break the rerun runbook. Manual runs have no
+    logical date, so they carry no deadline; a backfill of an old partition is flagged at once. A plain environment value rather than an
     Airflow ``VariableInterval``: a missing Variable would stop the scheduler from creating the
     run at all. The callback is :class:`LogNotifier`, run in the triggerer, which must therefore
     be running.
@@ -147,7 +151,7 @@ def partition_deadline_alert(minutes: float | None = None) -> DeadlineAlert | No
         return None
     interval = dt.timedelta(minutes=minutes)
     return DeadlineAlert(
-        reference=DeadlineReference.DAGRUN_QUEUED_AT,
+        reference=DeadlineReference.DAGRUN_LOGICAL_DATE,
         interval=interval,
         callback=AsyncCallback(LogNotifier, kwargs={"title": "partition not finished by its deadline"}),
         name="partition_deadline",
