@@ -19,7 +19,7 @@ with the param `partition` set to `YYYY-MM-DD`.
 
 **Alerts**: a failed run calls `default_failure_notifier()` (log-only unless
 `CAPI_FAILURE_NOTIFIER` names another notifier); a run not finished
-`CAPI_PARTITION_DEADLINE_MINUTES` (360) after its logical date (03:00 UTC) raises a deadline alert.
+`CAPI_PARTITION_DEADLINE_MINUTES` (opt-in, e.g. 360) after it was queued raises a deadline alert.
 """
 
 from __future__ import annotations

@@ -142,11 +142,13 @@ def test_deadline_alert_is_configurable(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("CAPI_PARTITION_DEADLINE_MINUTES", "90")
     alert = partition_deadline_alert()
     assert alert.interval == dt.timedelta(minutes=90)
-    assert alert.reference == DeadlineReference.DAGRUN_LOGICAL_DATE
+    assert alert.reference == DeadlineReference.DAGRUN_QUEUED_AT
     assert isinstance(alert.callback, AsyncCallback)
     assert alert.callback.path == "liveramp_capi.notifiers.log.LogNotifier"
     monkeypatch.setenv("CAPI_PARTITION_DEADLINE_MINUTES", "0")
     assert partition_deadline_alert() is None
+    monkeypatch.delenv("CAPI_PARTITION_DEADLINE_MINUTES")
+    assert partition_deadline_alert() is None  # opt-in (Airflow 3.3.2 limitations)
 
 
 def test_dag_wires_the_sensor_notifier_and_deadline(monkeypatch: pytest.MonkeyPatch, airflow_db) -> None:

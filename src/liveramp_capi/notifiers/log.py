@@ -13,10 +13,10 @@ from airflow.sdk import AsyncCallback, BaseNotifier, DeadlineAlert, DeadlineRefe
 
 #: Environment variable naming a factory of the failure notifier, ``module:callable`` or ``module.callable``.
 NOTIFIER_FACTORY_ENV = "CAPI_FAILURE_NOTIFIER"
-#: Environment variable holding the partition deadline, in minutes after the run's logical date.
+#: Environment variable holding the partition deadline, in minutes after the run was queued.
 DEADLINE_MINUTES_ENV = "CAPI_PARTITION_DEADLINE_MINUTES"
-#: The scheduled run starts at 03:00 UTC; a partition not finished by 09:00 UTC is late.
-DEFAULT_DEADLINE_MINUTES = 360
+#: Off unless configured (see :func:`partition_deadline_alert` for why); 360 suits the 03:00 UTC run.
+DEFAULT_DEADLINE_MINUTES = 0
 
 _LOG = logging.getLogger("liveramp_capi.alerts")
 _MAX_ERROR_CHARS = 300
@@ -127,22 +127,20 @@ def _deadline_minutes() -> float:
 
 
 def partition_deadline_alert(minutes: float | None = None) -> DeadlineAlert | None:
-    """A deadline alert that flags a scheduled run not finished ``minutes`` after its logical date, or ``None`` when off.
+    """A deadline alert that flags a run not finished ``minutes`` after it was queued, or ``None`` when off.
 
-    The default comes from ``CAPI_PARTITION_DEADLINE_MINUTES`` (360: the 03:00 UTC run must be
-    done by 09:00 UTC; ``0`` turns the alert off). The reference is the run's logical date, not
-    its queued time: in Airflow 3.3.2 clearing a task of a run with a ``DAGRUN_QUEUED_AT``
-    deadline fails (``_recalculate_dagrun_queued_at_deadlines`` reads the interval as seconds,
-    but it is stored as JSON), which would break the rerun runbook. Manual runs have no
-    logical date, so they carry no deadline; a backfill of an old partition is flagged at once. A plain environment value rather than an
-    Airflow ``VariableInterval``: a missing Variable would stop the scheduler from creating the
-    run at all. The callback is :class:`LogNotifier`, run in the triggerer, which must therefore
-    be running.
+    ``CAPI_PARTITION_DEADLINE_MINUTES`` sets it (e.g. 360: the 03:00 UTC run must be done by
+    09:00 UTC); unset or ``0``: no alert. It is opt-in because of two Airflow 3.3.2 limitations:
 
-    ``dag.test()`` / ``airflow dags test`` in Airflow 3.3.2 crash when a run with a deadline
-    succeeds (``DagRun.update_state`` looks the serialized alert up as if it were an id), so
-    ``make demo`` and the test suite set ``CAPI_PARTITION_DEADLINE_MINUTES=0``; real
-    deployments (scheduler) are unaffected.
+    * partition runs (``CronPartitionTimetable``, manual runs) have no logical date, so only the
+      ``DAGRUN_QUEUED_AT`` reference yields a deadline for them;
+    * clearing a task of a run whose ``DAGRUN_QUEUED_AT`` deadline is still pending fails with a
+      500 (``_recalculate_dagrun_queued_at_deadlines`` reads the JSON-stored interval as seconds).
+      With the alert on, rerun a failed partition by triggering a new run for it (the ledger
+      makes that safe) until the deadline has passed.
+
+    ``dag.test()`` / ``airflow dags test`` (3.3.2) also crash when a run with a deadline succeeds.
+    The callback is :class:`LogNotifier`, run in the triggerer, which must therefore be running.
 
     :param minutes: overrides the environment / default; ``0`` means no alert.
     """
@@ -151,7 +149,7 @@ def partition_deadline_alert(minutes: float | None = None) -> DeadlineAlert | No
         return None
     interval = dt.timedelta(minutes=minutes)
     return DeadlineAlert(
-        reference=DeadlineReference.DAGRUN_LOGICAL_DATE,
+        reference=DeadlineReference.DAGRUN_QUEUED_AT,
         interval=interval,
         callback=AsyncCallback(LogNotifier, kwargs={"title": "partition not finished by its deadline"}),
         name="partition_deadline",
