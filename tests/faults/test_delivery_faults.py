@@ -17,7 +17,8 @@ from collections import Counter
 
 import pytest
 from conversions_run import configure_pipeline, output_json, output_jsonl, yesterday
-from fault_support import ledger_rows, run_dag_once as run_conversions, write_partition
+from fault_support import ledger_rows, write_partition
+from fault_support import run_dag_once as run_conversions
 from sample_partition import stage_sample_partition
 
 pytestmark = pytest.mark.airflow

@@ -121,7 +121,7 @@ def test_unreachable_state_database_stops_send_before_anything_is_sent(standin, 
 
     partition = yesterday()
     _prepare_send(tmp_path, monkeypatch, standin, partition)
-    password = "pg-Secret-0d1e"  # noqa: S105 - a made-up password that must not appear in the error
+    password = "pg-Secret-0d1e"
     monkeypatch.setenv(
         "AIRFLOW_CONN_CAPI_STATE_DEFAULT",
         json.dumps({"conn_type": "postgres", "host": "127.0.0.1", "port": free_port(), "login": "capi",
@@ -144,9 +144,9 @@ def test_locked_state_database_stops_send_before_anything_is_sent(standin, tmp_p
     _prepare_send(tmp_path, monkeypatch, standin, partition)
     # The ledger waits this long for a lock before giving up (30 s in production).
     monkeypatch.setattr(statedb, "SQLITE_BUSY_TIMEOUT_MS", 500)
-    holder = sqlite3.connect(tmp_path / "state.db", timeout=0.1, isolation_level=None)
+    # Another process (a backup, a stuck migration) holds the write lock of the state database.
+    holder = sqlite3.connect(tmp_path / "state.db", timeout=5, isolation_level=None)
     try:
-        holder.execute("PRAGMA locking_mode = EXCLUSIVE")
         holder.execute("BEGIN EXCLUSIVE")
         with pytest.raises(AirflowException) as caught:
             _send(tmp_path, partition)

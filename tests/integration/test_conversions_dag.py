@@ -79,6 +79,10 @@ def test_rerun_after_a_refused_batch_delivers_only_the_remainder(airflow_db, sta
     failed = output_jsonl(tmp_path, partition, "failed.jsonl")
     assert len(failed) == 1 and refused in failed[0]["event_ids"]
     assert failed[0]["http_status"] == 400 and failed[0]["response_excerpt"]
+    # The refusal's body is kept (the stand-in names the event), and it is a permanent verdict.
+    assert "invalid event" in failed[0]["response_excerpt"] and refused in failed[0]["response_excerpt"]
+    assert failed[0]["permanent"] is True and failed[0]["attempts"] == 1
+    assert standin.config_id not in failed[0]["response_excerpt"]
     refused_batch = set(failed[0]["event_ids"])
     assert {e["event_id"] for e in first} == valid - refused_batch
     summary = output_json(tmp_path, partition, "summary.json")

@@ -627,10 +627,15 @@ def _iter_csv(name: str, binary: BinaryIO, max_line_bytes: int) -> Iterator[Sour
     reader = csv.reader(feed)
     header: list[str] | None = None
     header_problem: Violation | None = None
+    header_record: SourceRecord | None = None
     while True:
         try:
             row = next(reader)
         except StopIteration:
+            # An unusable header and no data row (e.g. JSONL named .csv): report the header line
+            # itself, or the file would vanish without a reason.
+            if header_record is not None:
+                yield header_record
             return
         except _Damaged as exc:
             yield _corrupt(name, exc.args[0])
@@ -660,8 +665,11 @@ def _iter_csv(name: str, binary: BinaryIO, max_line_bytes: int) -> Iterator[Sour
         if header is None:
             header = cells
             header_problem = _header_problem(header)
+            if header_problem is not None:
+                header_record = SourceRecord(name, line, None, raw, header_problem)
             continue
         if header_problem is not None:
+            header_record = None
             yield SourceRecord(name, line, None, raw, header_problem)
             continue
         if len(cells) != len(header):

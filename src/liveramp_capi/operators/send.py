@@ -13,6 +13,9 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 #: Larger groups mean fewer round trips; a crash leaves at most this many batches "in flight"
 #: beyond the requests that really were on the wire.
 _LEDGER_GROUP = 256
+#: Acknowledgements are also written when the oldest unwritten one is this old, so a SIGKILL
+#: loses (and a rerun re-sends) at most about this much of acknowledged work.
+_ACK_FLUSH_SECONDS = 1.0
 
 
 class SendConversionsOperator(BaseOperator):
@@ -65,12 +68,13 @@ class SendConversionsOperator(BaseOperator):
         import time
 
         import orjson
+        from sqlalchemy.exc import SQLAlchemyError
 
         from liveramp_capi.domain.batches import Batch
         from liveramp_capi.domain.envelopes import cut_resolved_batches, resolve_session
         from liveramp_capi.domain.partition import InvalidPartition, InvalidRoot
         from liveramp_capi.domain.sessions import read_shard, sessionise
-        from liveramp_capi.domain.statedb import StateDatabaseUnavailable, check_reachable
+        from liveramp_capi.domain.statedb import StateDatabaseUnavailable, _scrub, check_reachable, describe
         from liveramp_capi.hooks.capi import LiveRampCapiHook
         from liveramp_capi.hooks.state import CapiStateHook
         from liveramp_capi.storage import PartitionStorage
@@ -91,6 +95,13 @@ class SendConversionsOperator(BaseOperator):
             envelope_store = state.get_envelope_store()
         except StateDatabaseUnavailable as err:
             raise AirflowException(f"state database unavailable, nothing sent: {err}") from None
+        except SQLAlchemyError as err:
+            # Reachable but unusable (e.g. SQLite locked by another process past the busy timeout).
+            engine = state.get_engine()
+            detail = _scrub(str(getattr(err, "orig", None) or err), engine.url)
+            raise AirflowException(
+                f"state database unavailable, nothing sent: {describe(engine)}: {type(err).__name__} ({detail})"
+            ) from None
 
         capi = LiveRampCapiHook(liveramp_capi_conn_id=self.liveramp_capi_conn_id)
         settings = capi.get_settings()
@@ -128,6 +139,7 @@ class SendConversionsOperator(BaseOperator):
             sessions=len(sessions), unknown_outcome_batches=len(unknown_outcome)
         )
         pending_acks: list[tuple[Batch, int]] = []
+        ack_flush_at = [time.monotonic() + _ACK_FLUSH_SECONDS]
         failures: list[tuple[Batch, int, int | None, str]] = []
         failed_lines: list[bytes] = []
 
@@ -180,9 +192,11 @@ class SendConversionsOperator(BaseOperator):
             if outcome.acknowledged:
                 pending_acks.append((batch, outcome.attempts))
                 counts["delivered_events"] += batch.event_count
-                if len(pending_acks) >= _LEDGER_GROUP:
+                # Flushed by count or by age: a killed task re-sends only what it could not record.
+                if len(pending_acks) >= _LEDGER_GROUP or time.monotonic() >= ack_flush_at[0]:
                     ledger.record_acknowledged(partition, pending_acks, run_id)
                     pending_acks.clear()
+                    ack_flush_at[0] = time.monotonic() + _ACK_FLUSH_SECONDS
                 return
             counts["failed_batches"] += 1
             counts["permanently_failed_batches"] += int(bool(outcome.permanent))
