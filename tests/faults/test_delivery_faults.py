@@ -34,12 +34,13 @@ def test_chaos_every_valid_event_delivered_exactly_once(airflow_db, standin, tmp
     generated = write_partition(tmp_path / "landing", partition, users=200, seed=11)
     configure_pipeline(
         monkeypatch, tmp_path, standin,
-        concurrency=32, timeout_seconds=1, connect_timeout_seconds=1, max_attempts=15,
+        # A 2 s timeout leaves a loaded CI machine room: only the injected stalls may time out.
+        concurrency=32, timeout_seconds=2, connect_timeout_seconds=2, max_attempts=15,
         backoff_base_seconds=0.02, backoff_max_seconds=0.2, retry_after_max_seconds=0.1,
     )
     standin.config(
         seed=20240503, error_rate=0.20, throttle_rate=0.10, retry_after_seconds=1,
-        drop_rate=0.02, stall_rate=0.01, stall_seconds=4,
+        drop_rate=0.02, stall_rate=0.01, stall_seconds=5,
     )
 
     assert run_conversions(partition) == "success"
@@ -76,9 +77,9 @@ def test_accepted_then_timed_out_batches_are_retried_and_never_lost(airflow_db, 
     """The stand-in records some batches, then stalls past the client timeout before answering."""
     partition = yesterday()
     generated = write_partition(tmp_path / "landing", partition, users=40, seed=12)
-    configure_pipeline(monkeypatch, tmp_path, standin, concurrency=32, timeout_seconds=1, max_attempts=10,
+    configure_pipeline(monkeypatch, tmp_path, standin, concurrency=32, timeout_seconds=2, max_attempts=10,
                        backoff_base_seconds=0.02, backoff_max_seconds=0.1)
-    standin.config(seed=7, accept_then_stall_rate=0.15, stall_seconds=3)
+    standin.config(seed=7, accept_then_stall_rate=0.15, stall_seconds=5)
 
     assert run_conversions(partition) == "success"
 
@@ -135,8 +136,10 @@ def test_a_batch_that_always_times_out_after_acceptance_stays_in_the_ledger(airf
 def test_rate_ceiling_is_never_exceeded_and_429_backs_off_without_a_storm(airflow_db, standin, tmp_path, monkeypatch):
     """``max_requests_per_second`` N: the stand-in's busiest 1-second window holds at most N + 1 requests."""
     partition = yesterday()
-    generated = write_partition(tmp_path / "landing", partition, users=30, seed=13)
-    ceiling = 20
+    generated = write_partition(tmp_path / "landing", partition, users=12, seed=13)
+    # A low ceiling: the client spaces requests 250 ms apart, so a scheduling hiccup of up to
+    # 250 ms on a loaded machine cannot squeeze a second extra request into one second.
+    ceiling = 4
     configure_pipeline(monkeypatch, tmp_path, standin, concurrency=64, max_requests_per_second=ceiling,
                        max_attempts=10, backoff_base_seconds=0.05, backoff_max_seconds=0.5)
     # Throttle a tenth of the requests with Retry-After 1: each pauses every worker.

@@ -15,7 +15,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 _LEDGER_GROUP = 256
 #: Acknowledgements are also written when the oldest unwritten one is this old, so a SIGKILL
 #: loses (and a rerun re-sends) at most about this much of acknowledged work.
-_ACK_FLUSH_SECONDS = 1.0
+_ACK_FLUSH_SECONDS = 0.5
 
 
 class SendConversionsOperator(BaseOperator):
