@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import os
 import random
 import socket
 import sqlite3
@@ -140,13 +139,6 @@ def ledger_rows(state_db: Path, partition: str) -> list[dict[str, Any]]:
 def task_context(run_id: str = "manual__faults", try_number: int = 1) -> dict[str, Any]:
     """The slice of an Airflow context the project's operators read (``run_id``, ``ti.try_number``)."""
     return {"run_id": run_id, "ti": SimpleNamespace(try_number=try_number)}
-
-
-def airflow_subprocess_env(extra: dict[str, str]) -> dict[str, str]:
-    """This process's environment (with the test AIRFLOW_HOME) plus ``extra``, for ``airflow dags test``."""
-    env = os.environ.copy()
-    env.update(extra)
-    return env
 
 
 def run_dag_once(partition: str, dag_id: str = "tiktok_conversions", **conf: Any) -> str:

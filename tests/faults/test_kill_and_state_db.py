@@ -63,7 +63,6 @@ def test_send_killed_mid_partition_rerun_resends_only_in_flight_batches(airflow_
     assert process.returncode == -signal.SIGKILL, log_path.read_text()[-3000:]
 
     before = Counter(standin.received_event_ids())
-    total_batches = None
     rows = ledger_rows(tmp_path / "state.db", partition)
     in_flight = [r for r in rows if r["state"] == "in_flight"]
     acknowledged = [r for r in rows if r["state"] == "acknowledged"]
