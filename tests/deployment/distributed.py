@@ -143,6 +143,9 @@ class Deployment:
                 "AIRFLOW__CELERY__BROKER_URL": f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}",
                 "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{db}",
                 "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
+                # A queue of this run's own: workers orphaned by an earlier, killed test run
+                # (still listening on the same Redis DB) cannot take its tasks.
+                "AIRFLOW__OPERATORS__DEFAULT_QUEUE": f"capi-e2e-{self.suffix}",
                 "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
                 "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                 "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
