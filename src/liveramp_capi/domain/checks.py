@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 from liveramp_capi.domain.violations import Violation
 
 _DAY = 86_400
@@ -55,7 +53,7 @@ class DuplicateEventIds:
     """Remember the events (``event_type`` + ``event_id``) seen in this run, as 64-bit hashes.
 
     A Python int in a set costs about 60 bytes against 100+ for a typical id string. Two
-    different ids share a 64-bit BLAKE2b hash with probability about n^2 / 2^65: roughly
+    different ids share a 64-bit hash with probability about n^2 / 2^65: roughly
     3e-8 at one million ids (one dropped event in some 30 million such runs), which is
     acceptable for a deduplication that TikTok repeats anyway (same event + event_id in 48 h).
     """
@@ -78,8 +76,9 @@ class DuplicateEventIds:
         :param event_id: the event's id.
         :param event_type: the event's name.
         """
-        key = f"{event_type}\x1f{event_id}"
-        digest = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+        # Python's own 64-bit hash (SipHash on str): randomised per process but stable within
+        # one, which is all a single validate run needs, and ~10x cheaper than a blake2b digest.
+        digest = hash((event_type, event_id))
         if digest in self._seen:
             return True
         self._seen.add(digest)
