@@ -20,7 +20,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from liveramp_capi.delivery.ratelimit import RateLimiter
+from liveramp_capi.delivery.pool import PoolState, run_pool
 from liveramp_capi.delivery.retry import RetryPolicy, parse_retry_after
 from liveramp_capi.delivery.settings import TUNING_KEYS, CapiConfigError, CapiSettings, check_base_url
 from liveramp_capi.domain.envelopes import StoredEnvelope
@@ -153,30 +153,6 @@ def parse_refresh_body(body: bytes) -> tuple[str | None, str | None]:
     return None, REASON_NO_TYPE_19
 
 
-class _RunState:
-    __slots__ = ("error", "iterator", "limiter", "on_outcome", "session", "stats", "stop")
-
-    def __init__(
-        self,
-        iterator: Iterator[StoredEnvelope],
-        on_outcome: Callable[[RefreshOutcome], None],
-        session: aiohttp.ClientSession,
-        limiter: RateLimiter,
-    ) -> None:
-        self.iterator = iterator
-        self.on_outcome = on_outcome
-        self.session = session
-        self.limiter = limiter
-        self.stats = RefreshStats()
-        self.stop = False
-        self.error: BaseException | None = None
-
-    def fail(self, exc: BaseException) -> None:
-        if self.error is None:
-            self.error = exc
-        self.stop = True
-
-
 _TLS_ERRORS = (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError)
 
 
@@ -243,31 +219,18 @@ class EnvelopeRefresher:
         :param on_outcome: called once per row on the event loop thread; keep it fast.
         :return: the counters.
         """
-        settings = self.settings
-        connector = aiohttp.TCPConnector(
-            limit=settings.concurrency, limit_per_host=settings.concurrency, ssl=settings.verify_tls
-        )
-        limiter = RateLimiter(settings.max_requests_per_second, sleep=self._sleep)
-        started = time.perf_counter()
-        async with aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._timeout,
+        stats = RefreshStats()
+        self.last_stats = stats
+        return await run_pool(
+            settings=self.settings,
             headers=self._headers,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            raise_for_status=False,
-        ) as session:
-            state = _RunState(iter(rows), on_outcome, session, limiter)
-            self.last_stats = state.stats
-            try:
-                async with asyncio.TaskGroup() as group:
-                    for _ in range(settings.concurrency):
-                        group.create_task(self._worker(state))
-            finally:
-                state.stats.elapsed_seconds = time.perf_counter() - started
-                state.stats.pauses = limiter.pauses
-        if state.error is not None:
-            raise state.error
-        return state.stats
+            timeout=self._timeout,
+            sleep=self._sleep,
+            items=rows,
+            on_outcome=on_outcome,
+            stats=stats,
+            worker=self._worker,
+        )
 
     def refresh_sync(
         self, rows: Iterable[StoredEnvelope], on_outcome: Callable[[RefreshOutcome], None]
@@ -279,7 +242,7 @@ class EnvelopeRefresher:
         """
         return asyncio.run(self.refresh(rows, on_outcome))
 
-    async def _worker(self, state: _RunState) -> None:
+    async def _worker(self, state: PoolState[Any, RefreshStats]) -> None:
         stats = state.stats
         while not state.stop:
             try:
@@ -307,7 +270,7 @@ class EnvelopeRefresher:
                 state.fail(exc)
                 return
 
-    async def _refresh_one(self, state: _RunState, row: StoredEnvelope) -> RefreshOutcome:
+    async def _refresh_one(self, state: PoolState[Any, RefreshStats], row: StoredEnvelope) -> RefreshOutcome:
         session = state.session
         limiter = state.limiter
         stats = state.stats

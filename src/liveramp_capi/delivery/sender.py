@@ -17,7 +17,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -25,7 +25,7 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
-from liveramp_capi.delivery.ratelimit import RateLimiter
+from liveramp_capi.delivery.pool import PoolState, run_pool
 from liveramp_capi.delivery.retry import RetryPolicy, parse_retry_after
 from liveramp_capi.delivery.settings import TUNING_KEYS, CapiConfigError, CapiSettings, check_base_url
 
@@ -155,33 +155,6 @@ class DeliveryStats:
         }
 
 
-class _RunState:
-    """Per-``deliver`` mutable state shared by the workers of one event loop."""
-
-    __slots__ = ("error", "iterator", "limiter", "on_outcome", "session", "stats", "stop")
-
-    def __init__(
-        self,
-        iterator: Iterator[OutgoingBatch],
-        on_outcome: Callable[[OutgoingBatch, DeliveryOutcome], None],
-        session: aiohttp.ClientSession,
-        limiter: RateLimiter,
-    ) -> None:
-        self.iterator = iterator
-        self.on_outcome = on_outcome
-        self.session = session
-        self.limiter = limiter
-        self.stats = DeliveryStats()
-        self.stop = False
-        self.error: BaseException | None = None
-
-    def fail(self, exc: BaseException) -> None:
-        # Keep the first error; workers finish their in-flight batch and stop pulling.
-        if self.error is None:
-            self.error = exc
-        self.stop = True
-
-
 _TLS_ERRORS = (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError)
 
 
@@ -249,34 +222,18 @@ class BatchSender:
             every worker waits while it runs.
         :return: the delivery counters.
         """
-        settings = self.settings
-        connector = aiohttp.TCPConnector(
-            limit=settings.concurrency,
-            limit_per_host=settings.concurrency,
-            ssl=settings.verify_tls,  # True: default certificate verification
-        )
-        limiter = RateLimiter(settings.max_requests_per_second, sleep=self._sleep)
-        started = time.perf_counter()
-        async with aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._timeout,
+        stats = DeliveryStats()
+        self.last_stats = stats
+        return await run_pool(
+            settings=self.settings,
             headers=self._headers,
-            # Nothing here needs cookies; a dummy jar skips cookie parsing on every answer.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            raise_for_status=False,
-        ) as session:
-            state = _RunState(iter(batches), on_outcome, session, limiter)
-            self.last_stats = state.stats
-            try:
-                async with asyncio.TaskGroup() as group:
-                    for _ in range(settings.concurrency):
-                        group.create_task(self._worker(state))
-            finally:
-                state.stats.elapsed_seconds = time.perf_counter() - started
-                state.stats.pauses = limiter.pauses
-        if state.error is not None:
-            raise state.error
-        return state.stats
+            timeout=self._timeout,
+            sleep=self._sleep,
+            items=batches,
+            on_outcome=on_outcome,
+            stats=stats,
+            worker=self._worker,
+        )
 
     def deliver_sync(
         self,
@@ -291,7 +248,7 @@ class BatchSender:
         """
         return asyncio.run(self.deliver(batches, on_outcome))
 
-    async def _worker(self, state: _RunState) -> None:
+    async def _worker(self, state: PoolState[Any, DeliveryStats]) -> None:
         iterator = state.iterator
         stats = state.stats
         while not state.stop:
@@ -317,7 +274,7 @@ class BatchSender:
                 state.fail(exc)
                 return
 
-    async def _deliver_one(self, state: _RunState, batch: OutgoingBatch) -> DeliveryOutcome:
+    async def _deliver_one(self, state: PoolState[Any, DeliveryStats], batch: OutgoingBatch) -> DeliveryOutcome:
         session = state.session
         limiter = state.limiter
         stats = state.stats
