@@ -9,38 +9,17 @@ TikTok account, and it travels in the URL path: nothing in this module logs the 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
 import requests
-from airflow.providers.http.hooks.http import HttpHook
-from requests import PreparedRequest, Session
 
 from liveramp_capi.delivery.sender import BatchSender, DeliveryOutcome, DeliveryStats, OutgoingBatch
-from liveramp_capi.delivery.settings import CapiConfigError, CapiSettings, check_base_url
+from liveramp_capi.delivery.settings import CapiConfigError, CapiSettings
+from liveramp_capi.hooks.liveramp_http import LiveRampHttpHook
 
 __all__ = ["CapiConnectionConfig", "CapiRequestError", "LiveRampCapiHook"]
-
-# HttpHook options that must never reach the CAPI sender as headers either.
-_HTTP_OPTION_KEYS = frozenset(
-    {
-        "stream",
-        "cert",
-        "proxy",
-        "proxies",
-        "timeout",
-        "allow_redirects",
-        "max_redirects",
-        "trust_env",
-        "check_response",
-        "srv_lookup",
-    }
-)
-# HttpHook's own TLS switches would bypass the loopback-only rule of ``verify_tls``.
-_REFUSED_KEYS = frozenset({"verify", "verify_ssl"})
-
 
 class CapiRequestError(ConnectionError):
     """A request to the Conversions API failed; the message holds only the failure kind."""
@@ -68,16 +47,7 @@ class CapiConnectionConfig(NamedTuple):
         )
 
 
-class _ExtraView:
-    """A connection look-alike whose extra has the tuning keys removed, for HttpHook's helpers."""
-
-    def __init__(self, host: str | None, extra: dict[str, Any]) -> None:
-        self.host = host
-        self.extra = json.dumps(extra) if extra else ""
-        self.extra_dejson = extra
-
-
-class LiveRampCapiHook(HttpHook):
+class LiveRampCapiHook(LiveRampHttpHook):
     """
     Send conversion batches to LiveRamp's ATS Conversions API adapter.
 
@@ -96,32 +66,14 @@ class LiveRampCapiHook(HttpHook):
     conn_type = "liveramp_capi"
     hook_name = "LiveRamp ATS Conversions API"
     default_host = "https://capi.analytics.rlcdn.com"
+    request_error = CapiRequestError
+    request_failed_message = "request to the Conversions API failed"
+    answered_message = "Conversions API answered"
 
     def __init__(self, liveramp_capi_conn_id: str = default_conn_name, **kwargs: Any) -> None:
         super().__init__(method="POST", http_conn_id=liveramp_capi_conn_id, **kwargs)
         self.liveramp_capi_conn_id = liveramp_capi_conn_id
         self._config: CapiConnectionConfig | None = None
-
-    def _base_url_of(self, connection: Any) -> str:
-        host = (connection.host or "").strip() or self.default_host
-        if "://" not in host:
-            host = f"{connection.schema or 'https'}://{host}"
-        if connection.port:
-            host = f"{host.rstrip('/')}:{connection.port}"
-        return host.rstrip("/")
-
-    def _split_extra(self, connection: Any, base_url: str | None) -> tuple[CapiSettings, dict[str, Any]]:
-        extra = dict(connection.extra_dejson or {})
-        refused = sorted(_REFUSED_KEYS & extra.keys())
-        if refused:
-            raise CapiConfigError(
-                f"connection {self.liveramp_capi_conn_id}: extra key(s) {refused} are not supported; "
-                "use verify_tls (allowed to be false only for a loopback base URL)"
-            )
-        try:
-            return CapiSettings.from_extra(extra, base_url=base_url)
-        except CapiConfigError as exc:
-            raise CapiConfigError(f"connection {self.liveramp_capi_conn_id}: {exc}") from None
 
     def get_delivery_config(self) -> CapiConnectionConfig:
         """
@@ -140,70 +92,12 @@ class LiveRampCapiHook(HttpHook):
                 f"connection {self.liveramp_capi_conn_id} has no ATS configuration ID (password)"
             )
         settings, remaining = self._split_extra(connection, base_url)
-        headers: dict[str, str] = {}
-        for key, value in remaining.items():
-            if key in _HTTP_OPTION_KEYS:
-                continue
-            if isinstance(value, dict | list) or value is None:
-                raise CapiConfigError(
-                    f"connection {self.liveramp_capi_conn_id}: extra key {key!r} is neither a tuning key "
-                    "nor a header with a scalar value"
-                )
-            headers[key] = str(value).lower() if isinstance(value, bool) else str(value)
-        self._config = CapiConnectionConfig(base_url, config_id, settings, headers)
+        self._config = CapiConnectionConfig(base_url, config_id, settings, self._headers_of(remaining))
         return self._config
 
     def get_settings(self) -> CapiSettings:
         """Return the sender tuning of the connection (see :class:`CapiSettings`)."""
         return self.get_delivery_config().settings
-
-    # -- HttpHook integration: keep tuning keys out of the requests session -------------------
-
-    def _set_base_url(self, connection: Any) -> None:
-        # Same rules as the sender (https by default, the LiveRamp host when empty); no SRV.
-        self.base_url = self._base_url_of(connection)
-        check_base_url(self.base_url)
-        self._srv_lookup_enabled = False
-        self._base_url_initialized = True
-
-    def _configure_session_from_extra(
-        self, session: Session, connection: Any, extra_options: dict[str, Any]
-    ) -> Session:
-        # get_conn() has just set self.base_url: check verify_tls=false against it here too.
-        settings, remaining = self._split_extra(connection, self.base_url or None)
-        view = _ExtraView(connection.host, remaining)
-        session = super()._configure_session_from_extra(session, view, extra_options)
-        session.verify = settings.verify_tls
-        return session
-
-    def run_and_check(
-        self, session: Session, prepped_request: PreparedRequest, extra_options: dict[Any, Any]
-    ) -> Any:
-        """
-        Send the prepared request; transport failures are re-raised without the URL.
-
-        HttpHook logs and re-raises ``requests`` exceptions whose text contains the URL, hence
-        the configuration ID; this override reports only the exception class.
-        """
-        try:
-            response = session.send(
-                prepped_request,
-                timeout=extra_options.get("timeout"),
-                allow_redirects=extra_options.get("allow_redirects", False),
-                **session.merge_environment_settings(
-                    prepped_request.url,
-                    proxies=session.proxies,
-                    stream=session.stream,
-                    verify=session.verify,
-                    cert=session.cert,
-                ),
-            )
-        except requests.RequestException as exc:
-            raise CapiRequestError(f"request to the Conversions API failed ({type(exc).__name__})") from None
-        if extra_options.get("check_response", True) and response.status_code >= 400:
-            # HttpHook.check_response would log the body, which may echo event data.
-            raise CapiRequestError(f"Conversions API answered HTTP {response.status_code}")
-        return response
 
     # -- sending ------------------------------------------------------------------------------
 

@@ -15,13 +15,11 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import requests
-from airflow.providers.http.hooks.http import HttpHook
-from requests import PreparedRequest, Session
 
 from liveramp_capi.delivery.refresh import EnvelopeRefresher, RefreshOutcome, RefreshStats
-from liveramp_capi.delivery.settings import CapiConfigError, CapiSettings, check_base_url
+from liveramp_capi.delivery.settings import CapiConfigError, CapiSettings
 from liveramp_capi.domain.envelopes import StoredEnvelope
-from liveramp_capi.hooks.capi import _HTTP_OPTION_KEYS, _REFUSED_KEYS, _ExtraView
+from liveramp_capi.hooks.liveramp_http import LiveRampHttpHook
 
 __all__ = ["DEFAULT_REFRESH_RPS", "EnvelopeConnectionConfig", "EnvelopeRequestError", "LiveRampEnvelopeHook"]
 
@@ -54,7 +52,7 @@ class EnvelopeConnectionConfig(NamedTuple):
     headers: dict[str, str]
 
 
-class LiveRampEnvelopeHook(HttpHook):
+class LiveRampEnvelopeHook(LiveRampHttpHook):
     """Refresh ATS identity envelopes through LiveRamp's envelope refresh API.
 
     Connection fields: *Base URL* (host; defaults to ``https://api.rlcdn.com``), *Extra*: ``pid``
@@ -73,6 +71,10 @@ class LiveRampEnvelopeHook(HttpHook):
     conn_type = "liveramp_envelope"
     hook_name = "LiveRamp ATS envelope refresh"
     default_host = "https://api.rlcdn.com"
+    own_extra_keys = _OWN_KEYS
+    request_error = EnvelopeRequestError
+    request_failed_message = "request to the envelope API failed"
+    answered_message = "envelope API answered"
 
     def __init__(self, liveramp_envelope_conn_id: str = default_conn_name, **kwargs: Any) -> None:
         super().__init__(method="GET", http_conn_id=liveramp_envelope_conn_id, **kwargs)
@@ -81,30 +83,11 @@ class LiveRampEnvelopeHook(HttpHook):
 
     # -- connection handling -----------------------------------------------------------------
 
-    def _base_url_of(self, connection: Any) -> str:
-        host = (connection.host or "").strip() or self.default_host
-        if "://" not in host:
-            host = f"{connection.schema or 'https'}://{host}"
-        if connection.port:
-            host = f"{host.rstrip('/')}:{connection.port}"
-        return host.rstrip("/")
-
-    def _split_extra(self, connection: Any, base_url: str | None) -> tuple[CapiSettings, dict[str, Any]]:
-        extra = dict(connection.extra_dejson or {})
-        refused = sorted(_REFUSED_KEYS & extra.keys())
-        if refused:
-            raise CapiConfigError(
-                f"connection {self.liveramp_envelope_conn_id}: extra key(s) {refused} are not supported; "
-                "use verify_tls (allowed to be false only for a loopback base URL)"
-            )
-        rate_set = extra.get("max_requests_per_second") is not None
-        try:
-            settings, remaining = CapiSettings.from_extra(extra, base_url=base_url)
-        except CapiConfigError as exc:
-            raise CapiConfigError(f"connection {self.liveramp_envelope_conn_id}: {exc}") from None
-        if not rate_set:
-            settings = dataclasses.replace(settings, max_requests_per_second=DEFAULT_REFRESH_RPS)
-        return settings, remaining
+    def _tuning_defaults(self, settings: CapiSettings, extra: dict[str, Any]) -> CapiSettings:
+        # LiveRamp publishes no rate limit for the envelope APIs: stay polite unless told.
+        if extra.get("max_requests_per_second") is None:
+            return dataclasses.replace(settings, max_requests_per_second=DEFAULT_REFRESH_RPS)
+        return settings
 
     def get_refresh_config(self) -> EnvelopeConnectionConfig:
         """Read the Airflow connection once and return what the refresher needs.
@@ -125,57 +108,9 @@ class LiveRampEnvelopeHook(HttpHook):
             )
         if origin is not None and not isinstance(origin, str):
             raise CapiConfigError(f"connection {self.liveramp_envelope_conn_id}: extra key 'origin' must be a string")
-        headers: dict[str, str] = {}
-        for key, value in remaining.items():
-            if key in _HTTP_OPTION_KEYS:
-                continue
-            if isinstance(value, dict | list) or value is None:
-                raise CapiConfigError(
-                    f"connection {self.liveramp_envelope_conn_id}: extra key {key!r} is neither a tuning key "
-                    "nor a header with a scalar value"
-                )
-            headers[key] = str(value).lower() if isinstance(value, bool) else str(value)
+        headers = self._headers_of(remaining)
         self._config = EnvelopeConnectionConfig(base_url, str(pid).strip(), origin or None, settings, headers)
         return self._config
-
-    def _set_base_url(self, connection: Any) -> None:
-        self.base_url = self._base_url_of(connection)
-        check_base_url(self.base_url)
-        self._srv_lookup_enabled = False
-        self._base_url_initialized = True
-
-    def _configure_session_from_extra(
-        self, session: Session, connection: Any, extra_options: dict[str, Any]
-    ) -> Session:
-        settings, remaining = self._split_extra(connection, self.base_url or None)
-        for key in _OWN_KEYS:
-            remaining.pop(key, None)
-        session = super()._configure_session_from_extra(session, _ExtraView(connection.host, remaining), extra_options)
-        session.verify = settings.verify_tls
-        return session
-
-    def run_and_check(
-        self, session: Session, prepped_request: PreparedRequest, extra_options: dict[Any, Any]
-    ) -> Any:
-        """Send the prepared request; failures are re-raised without the URL (it holds envelopes)."""
-        try:
-            response = session.send(
-                prepped_request,
-                timeout=extra_options.get("timeout"),
-                allow_redirects=extra_options.get("allow_redirects", False),
-                **session.merge_environment_settings(
-                    prepped_request.url,
-                    proxies=session.proxies,
-                    stream=session.stream,
-                    verify=session.verify,
-                    cert=session.cert,
-                ),
-            )
-        except requests.RequestException as exc:
-            raise EnvelopeRequestError(f"request to the envelope API failed ({type(exc).__name__})") from None
-        if extra_options.get("check_response", True) and response.status_code >= 400:
-            raise EnvelopeRequestError(f"envelope API answered HTTP {response.status_code}")
-        return response
 
     # -- refreshing ---------------------------------------------------------------------------
 
