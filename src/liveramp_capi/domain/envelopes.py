@@ -40,6 +40,7 @@ from sqlalchemy.exc import DBAPIError
 
 from liveramp_capi.domain.ledger import ensure_component_schema, sanitize_error
 from liveramp_capi.domain.sessions import Session, ShardEntry, key_hash
+from liveramp_capi.domain.statedb import upsert_insert
 
 __all__ = [
     "ACTIVE",
@@ -378,13 +379,7 @@ class EnvelopeStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
-        if self.dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        elif self.dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert
-        else:
-            raise ValueError(f"unsupported state database dialect: {self.dialect}")
-        self._insert = insert
+        self._insert = upsert_insert(engine)
 
     def ensure_schema(self) -> None:
         """Create the store's table if missing and check its schema version (idempotent, concurrent-safe)."""

@@ -27,7 +27,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from liveramp_capi.domain.batches import Batch
-from liveramp_capi.domain.statedb import SQLITE_BEGIN_IMMEDIATE
+from liveramp_capi.domain.statedb import SQLITE_BEGIN_IMMEDIATE, upsert_insert
 
 IN_FLIGHT = "in_flight"
 ACKNOWLEDGED = "acknowledged"
@@ -184,13 +184,7 @@ class DeliveryLedger:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
-        if self.dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        elif self.dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert
-        else:
-            raise ValueError(f"unsupported state database dialect: {self.dialect}")
-        self._insert = insert
+        self._insert = upsert_insert(engine)
 
     # -- schema ---------------------------------------------------------------------------
 

@@ -131,3 +131,18 @@ def check_reachable(engine: Engine) -> None:
             f"cannot reach the state {describe(engine)}: {type(exc).__name__}"
             + (f" ({detail})" if detail else "")
         ) from None
+
+
+def upsert_insert(engine: Engine) -> Any:
+    """The dialect's ``insert`` construct, which offers ``on_conflict_do_update`` (upserts).
+
+    :param engine: a SQLite or PostgreSQL engine; any other dialect is refused.
+    """
+    dialect = engine.dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        raise ValueError(f"unsupported state database dialect: {dialect}")
+    return insert
