@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
-from typing import Any, Generic, Protocol, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 import aiohttp
 
@@ -21,12 +22,43 @@ from liveramp_capi.delivery.settings import CapiSettings
 ItemT = TypeVar("ItemT")
 
 
-class PoolStats(Protocol):
-    elapsed_seconds: float
-    pauses: int
+@dataclass(slots=True)
+class RequestStats:
+    """Request counters every pool run keeps (the sender and the refresher add their own).
+
+    :param requests: HTTP requests attempted, retries included.
+    :param retries: requests beyond each item's first.
+    :param status_counts: answers by HTTP status.
+    :param error_counts: transport failures by kind (``"timeout"``, aiohttp class name).
+    :param pauses: times all workers were paused by a 429 / ``Retry-After``.
+    :param elapsed_seconds: wall time of the run.
+    """
+
+    requests: int = 0
+    retries: int = 0
+    status_counts: dict[int, int] = field(default_factory=dict)
+    error_counts: dict[str, int] = field(default_factory=dict)
+    pauses: int = 0
+    elapsed_seconds: float = 0.0
+
+    @property
+    def requests_per_second(self) -> float:
+        """Average request rate over the run."""
+        return self.requests / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
+
+    def request_counts(self) -> dict[str, Any]:
+        """The request counters in JSON-friendly form (status codes as string keys)."""
+        return {
+            "requests": self.requests,
+            "retries": self.retries,
+            "status_counts": {str(k): v for k, v in sorted(self.status_counts.items())},
+            "error_counts": dict(sorted(self.error_counts.items())),
+            "pauses": self.pauses,
+            "elapsed_seconds": round(self.elapsed_seconds, 3),
+        }
 
 
-StatsT = TypeVar("StatsT", bound=PoolStats)
+StatsT = TypeVar("StatsT", bound=RequestStats)
 
 
 class PoolState(Generic[ItemT, StatsT]):

@@ -28,7 +28,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from liveramp_capi.delivery.pool import PoolState, run_pool
+from liveramp_capi.delivery.pool import PoolState, RequestStats, run_pool
 from liveramp_capi.delivery.retry import RetryPolicy, parse_retry_after
 from liveramp_capi.delivery.settings import TUNING_KEYS, CapiConfigError, CapiSettings, check_base_url
 from liveramp_capi.domain.envelopes import StoredEnvelope
@@ -82,36 +82,21 @@ class RefreshOutcome:
 
 
 @dataclass(slots=True)
-class RefreshStats:
+class RefreshStats(RequestStats):
     """Counters of one :meth:`EnvelopeRefresher.refresh` call.
 
     :param refreshed: rows refreshed.
     :param failed: rows that failed (permanently or after the last retry).
     :param skipped_consent: rows not sent because they hold no consent.
-    :param requests: HTTP requests attempted, retries included.
-    :param retries: requests beyond each row's first.
-    :param status_counts: answers by HTTP status.
-    :param error_counts: transport failures by kind.
     :param failed_by_reason: failures by reason.
-    :param pauses: times all workers were paused by a 429 / ``Retry-After``.
-    :param elapsed_seconds: wall time.
+
+    The request counters come from :class:`~liveramp_capi.delivery.pool.RequestStats`.
     """
 
     refreshed: int = 0
     failed: int = 0
     skipped_consent: int = 0
-    requests: int = 0
-    retries: int = 0
-    status_counts: dict[int, int] = field(default_factory=dict)
-    error_counts: dict[str, int] = field(default_factory=dict)
     failed_by_reason: dict[str, int] = field(default_factory=dict)
-    pauses: int = 0
-    elapsed_seconds: float = 0.0
-
-    @property
-    def requests_per_second(self) -> float:
-        """Average request rate."""
-        return self.requests / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly form (counts only)."""
@@ -119,13 +104,8 @@ class RefreshStats:
             "refreshed": self.refreshed,
             "failed": self.failed,
             "skipped_consent": self.skipped_consent,
-            "requests": self.requests,
-            "retries": self.retries,
-            "status_counts": {str(k): v for k, v in sorted(self.status_counts.items())},
-            "error_counts": dict(sorted(self.error_counts.items())),
             "failed_by_reason": dict(sorted(self.failed_by_reason.items())),
-            "pauses": self.pauses,
-            "elapsed_seconds": round(self.elapsed_seconds, 3),
+            **self.request_counts(),
         }
 
 

@@ -25,7 +25,7 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
-from liveramp_capi.delivery.pool import PoolState, run_pool
+from liveramp_capi.delivery.pool import PoolState, RequestStats, run_pool
 from liveramp_capi.delivery.retry import RetryPolicy, parse_retry_after
 from liveramp_capi.delivery.settings import TUNING_KEYS, CapiConfigError, CapiSettings, check_base_url
 
@@ -99,7 +99,7 @@ class DeliveryOutcome:
 
 
 @dataclass(slots=True)
-class DeliveryStats:
+class DeliveryStats(RequestStats):
     """
     Counters of one :meth:`BatchSender.deliver` call.
 
@@ -108,12 +108,8 @@ class DeliveryStats:
     :param batches_failed_permanent: the subset refused for good.
     :param events_acknowledged: events in acknowledged batches.
     :param events_failed: events in failed batches.
-    :param requests: HTTP requests attempted, retries included.
-    :param retries: requests beyond each batch's first.
-    :param status_counts: answers by HTTP status.
-    :param error_counts: transport failures by kind (``"timeout"``, aiohttp class name).
-    :param pauses: times all workers were paused by a 429.
-    :param elapsed_seconds: wall time of the delivery.
+
+    The request counters come from :class:`~liveramp_capi.delivery.pool.RequestStats`.
     """
 
     batches_acknowledged: int = 0
@@ -121,22 +117,11 @@ class DeliveryStats:
     batches_failed_permanent: int = 0
     events_acknowledged: int = 0
     events_failed: int = 0
-    requests: int = 0
-    retries: int = 0
-    status_counts: dict[int, int] = field(default_factory=dict)
-    error_counts: dict[str, int] = field(default_factory=dict)
-    pauses: int = 0
-    elapsed_seconds: float = 0.0
 
     @property
     def batches(self) -> int:
         """Batches that received an outcome."""
         return self.batches_acknowledged + self.batches_failed
-
-    @property
-    def requests_per_second(self) -> float:
-        """Average request rate over the delivery."""
-        return self.requests / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly form (status codes as string keys), e.g. for XCom."""
@@ -146,12 +131,7 @@ class DeliveryStats:
             "batches_failed_permanent": self.batches_failed_permanent,
             "events_acknowledged": self.events_acknowledged,
             "events_failed": self.events_failed,
-            "requests": self.requests,
-            "retries": self.retries,
-            "status_counts": {str(k): v for k, v in sorted(self.status_counts.items())},
-            "error_counts": dict(sorted(self.error_counts.items())),
-            "pauses": self.pauses,
-            "elapsed_seconds": round(self.elapsed_seconds, 3),
+            **self.request_counts(),
         }
 
 

@@ -13,8 +13,6 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
-import requests
-
 from liveramp_capi.delivery.sender import BatchSender, DeliveryOutcome, DeliveryStats, OutgoingBatch
 from liveramp_capi.delivery.settings import CapiConfigError, CapiSettings
 from liveramp_capi.hooks.liveramp_http import LiveRampHttpHook
@@ -160,18 +158,4 @@ class LiveRampCapiHook(LiveRampHttpHook):
             config = self.get_delivery_config()
         except CapiConfigError as exc:
             return False, str(exc)
-        session = self.get_conn()
-        try:
-            response = session.head(
-                config.base_url + "/",
-                timeout=(config.settings.connect_timeout_seconds, config.settings.timeout_seconds),
-                allow_redirects=False,
-            )
-        except requests.RequestException as exc:
-            return False, f"base URL not reachable ({type(exc).__name__})"
-        finally:
-            session.close()
-        return (
-            True,
-            f"base URL reachable (HTTP {response.status_code}); ATS configuration ID is set (not validated)",
-        )
+        return self._probe(config.base_url, config.settings, "ATS configuration ID is set (not validated)")

@@ -14,8 +14,6 @@ import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
-import requests
-
 from liveramp_capi.delivery.refresh import EnvelopeRefresher, RefreshOutcome, RefreshStats
 from liveramp_capi.delivery.settings import CapiConfigError, CapiSettings
 from liveramp_capi.domain.envelopes import StoredEnvelope
@@ -145,15 +143,4 @@ class LiveRampEnvelopeHook(LiveRampHttpHook):
             config = self.get_refresh_config()
         except CapiConfigError as exc:
             return False, str(exc)
-        session = self.get_conn()
-        try:
-            response = session.head(
-                config.base_url + "/",
-                timeout=(config.settings.connect_timeout_seconds, config.settings.timeout_seconds),
-                allow_redirects=False,
-            )
-        except requests.RequestException as exc:
-            return False, f"base URL not reachable ({type(exc).__name__})"
-        finally:
-            session.close()
-        return True, f"base URL reachable (HTTP {response.status_code}); placement id is set (not validated)"
+        return self._probe(config.base_url, config.settings, "placement id is set (not validated)")

@@ -101,6 +101,26 @@ class LiveRampHttpHook(HttpHook):
             headers[key] = str(value).lower() if isinstance(value, bool) else str(value)
         return headers
 
+    def _probe(self, base_url: str, settings: CapiSettings, configured: str) -> tuple[bool, str]:
+        """``test_connection`` body: any HTTP answer to ``HEAD <base URL>/`` proves reachability.
+
+        :param base_url: the connection's base URL.
+        :param settings: for the timeouts.
+        :param configured: what the connection was checked to hold, for the message.
+        """
+        session = self.get_conn()
+        try:
+            response = session.head(
+                base_url + "/",
+                timeout=(settings.connect_timeout_seconds, settings.timeout_seconds),
+                allow_redirects=False,
+            )
+        except requests.RequestException as exc:
+            return False, f"base URL not reachable ({type(exc).__name__})"
+        finally:
+            session.close()
+        return True, f"base URL reachable (HTTP {response.status_code}); {configured}"
+
     # -- HttpHook integration: keep tuning keys out of the requests session -------------------
 
     def _set_base_url(self, connection: Any) -> None:

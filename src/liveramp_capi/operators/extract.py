@@ -8,6 +8,8 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
+from liveramp_capi.operators.config_errors import permanent_config_errors
+
 
 class ExtractPartitionOperator(BaseOperator):
     """List a partition's input files and write them to the run's manifest.
@@ -42,13 +44,10 @@ class ExtractPartitionOperator(BaseOperator):
         self.allow_empty = allow_empty
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from liveramp_capi.domain.partition import InvalidPartition, InvalidRoot
         from liveramp_capi.storage import PartitionStorage
 
-        try:
+        with permanent_config_errors():
             storage = PartitionStorage(self.landing_root, self.output_root, self.partition)
-        except (InvalidPartition, InvalidRoot) as err:
-            raise AirflowFailException(str(err)) from None
         inputs, ignored = storage.list_inputs()
         if ignored:
             self.log.warning(

@@ -16,6 +16,8 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from liveramp_capi.operators.config_errors import permanent_config_errors
+
 #: Outcomes written to the store per call.
 _STORE_GROUP = 256
 _PLAN = "_work/plan.json"
@@ -125,14 +127,11 @@ class PlanEnvelopeRefreshOperator(BaseOperator):
 
     def execute(self, context: Any) -> list[dict[str, Any]]:
         from liveramp_capi.domain.envelopes import DAY_SECONDS
-        from liveramp_capi.domain.partition import InvalidPartition, InvalidRoot
 
         horizon_days = _as_float("horizon_days", self.horizon_days, 0, 30)
         requested = int(_as_float("slices", self.slices, 0, 1024))
-        try:
+        with permanent_config_errors():
             folder = _RunFolder(self.output_root, self.run_date)
-        except (InvalidPartition, InvalidRoot) as err:
-            raise AirflowFailException(str(err)) from None
         store = _store(self.capi_state_conn_id)
         as_of = int(time.time())
         horizon_seconds = int(horizon_days * DAY_SECONDS)
@@ -221,14 +220,11 @@ class RefreshEnvelopesOperator(BaseOperator):
         from collections.abc import Iterator
 
         from liveramp_capi.domain.envelopes import RefreshResult, StoredEnvelope
-        from liveramp_capi.domain.partition import InvalidPartition, InvalidRoot
         from liveramp_capi.hooks.envelope import LiveRampEnvelopeHook
 
         index, slices, as_of = int(self.slice_index), int(self.slices), int(self.as_of)
-        try:
+        with permanent_config_errors():
             folder = _RunFolder(self.output_root, self.run_date)
-        except (InvalidPartition, InvalidRoot) as err:
-            raise AirflowFailException(str(err)) from None
         store = _store(self.capi_state_conn_id)
         hook = LiveRampEnvelopeHook(liveramp_envelope_conn_id=self.liveramp_envelope_conn_id)
         hook.get_refresh_config()  # a missing pid fails here, before anything is selected
@@ -334,13 +330,10 @@ class ReportEnvelopeRefreshOperator(BaseOperator):
         import json
 
         from liveramp_capi.domain.envelopes import build_refresh_summary
-        from liveramp_capi.domain.partition import InvalidPartition, InvalidRoot
 
         max_ratio = _as_float("max_failure_ratio", self.max_failure_ratio, 0, 1)
-        try:
+        with permanent_config_errors():
             folder = _RunFolder(self.output_root, self.run_date)
-        except (InvalidPartition, InvalidRoot) as err:
-            raise AirflowFailException(str(err)) from None
         if not folder.exists(_PLAN):
             raise AirflowFailException(f"{folder.folder}: the plan step did not finish; nothing was refreshed")
         plan = folder.read_json(_PLAN)

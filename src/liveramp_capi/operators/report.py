@@ -8,6 +8,8 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
+from liveramp_capi.operators.config_errors import permanent_config_errors
+
 
 class ReportConversionsOperator(BaseOperator):
     """Write ``summary.json`` and ``failed.jsonl`` for a partition and fail unless it is complete.
@@ -34,14 +36,11 @@ class ReportConversionsOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         import json
 
-        from liveramp_capi.domain.partition import InvalidPartition, InvalidRoot
         from liveramp_capi.domain.summary import build_summary
         from liveramp_capi.storage import PartitionStorage
 
-        try:
+        with permanent_config_errors():
             storage = PartitionStorage(self.landing_root, self.output_root, self.partition)
-        except (InvalidPartition, InvalidRoot) as err:
-            raise AirflowFailException(str(err)) from None
         layout = storage.layout
         validation = storage.read_json(layout.validation) if storage.exists(layout.validation) else None
 

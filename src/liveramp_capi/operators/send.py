@@ -9,6 +9,8 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from liveramp_capi.operators.config_errors import permanent_config_errors
+
 #: How many batches are marked in flight, and how many outcomes are written, per ledger call.
 #: Larger groups mean fewer round trips; a crash leaves at most this many batches "in flight"
 #: beyond the requests that really were on the wire.
@@ -72,7 +74,6 @@ class SendConversionsOperator(BaseOperator):
 
         from liveramp_capi.domain.batches import Batch
         from liveramp_capi.domain.envelopes import cut_resolved_batches, resolve_session
-        from liveramp_capi.domain.partition import InvalidPartition, InvalidRoot
         from liveramp_capi.domain.sessions import read_shard, sessionise
         from liveramp_capi.domain.statedb import StateDatabaseUnavailable, _scrub, check_reachable, describe
         from liveramp_capi.hooks.capi import LiveRampCapiHook
@@ -80,10 +81,8 @@ class SendConversionsOperator(BaseOperator):
         from liveramp_capi.storage import PartitionStorage
 
         shard = int(self.shard)
-        try:
+        with permanent_config_errors():
             storage = PartitionStorage(self.landing_root, self.output_root, self.partition)
-        except (InvalidPartition, InvalidRoot) as err:
-            raise AirflowFailException(str(err)) from None
         partition, layout = storage.partition, storage.layout
         run_id = f"{context['run_id']}#{context['ti'].try_number}"
 

@@ -9,6 +9,8 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from liveramp_capi.operators.config_errors import permanent_config_errors
+
 #: Rough bytes of one event on disk, uncompressed, and the compression ratio of gzip on JSONL;
 #: only used to choose how many shards a partition is cut into before it has been read.
 _BYTES_PER_EVENT = 450
@@ -102,7 +104,6 @@ class ValidateConversionsOperator(BaseOperator):
 
         from liveramp_capi.domain.checks import DuplicateEventIds, EventTimeWindow
         from liveramp_capi.domain.envelopes import EnvelopeRecord
-        from liveramp_capi.domain.partition import InvalidPartition, InvalidRoot
         from liveramp_capi.domain.schema import EventSchemaValidator
         from liveramp_capi.domain.sessions import ShardWriter, plan_shard_count, session_grouping_key
         from liveramp_capi.domain.sources import iter_source_records
@@ -117,10 +118,8 @@ class ValidateConversionsOperator(BaseOperator):
         from liveramp_capi.storage import PartitionStorage
 
         max_ratio, max_age_days, allow_custom, now = self._settings()
-        try:
+        with permanent_config_errors():
             storage = PartitionStorage(self.landing_root, self.output_root, self.partition)
-        except (InvalidPartition, InvalidRoot) as err:
-            raise AirflowFailException(str(err)) from None
         layout = storage.layout
         manifest = storage.read_json(layout.manifest)
         files = manifest["files"]
