@@ -8,10 +8,15 @@ instead of personal data.
 | task | what it does |
 |---|---|
 | `wait_for_partition` | waits, in the triggerer (no worker slot held), for `dt=YYYY-MM-DD/_SUCCESS`, the marker the export writes last; fails after `capi_partition_wait_minutes` (360) with a clear message |
+| `claim_partition` | claims the partition for this run in the state database (a lease with heartbeat and expiry); while another run of the same partition works, waits up to `capi_partition_claim_wait_minutes` (60), then fails naming that run |
 | `extract` | lists the partition's `*.jsonl`, `*.jsonl.gz`, `*.csv`, `*.csv.gz` files into the run's manifest |
 | `validate` | checks every record (JSON Schema, duplicate `event_id`, 28-day window); rejects go to `rejected.jsonl` with file, line, pointer and reason; valid events are spilled to session shards |
 | `send` | one mapped task per shard: sessions -> batches -> LiveRamp, many requests in flight; the delivery ledger makes reruns send only what was not acknowledged |
-| `report` | writes `summary.json` and `failed.jsonl` under `capi_output_root`, and fails unless every valid event was delivered |
+| `report` | runs whatever happened upstream; writes this run's `summary.json` (and `failed.jsonl`, `envelope_expired.jsonl`) under `capi_output_root`, releases the claim, and fails unless this run's partition is delivered |
+
+Every task writes into the run's own work folder (`dt=.../_work/<run>/`); the partition's files
+are moved into place only by the run that owns the partition, so two runs never mix output.
+
 
 **Rerun a failed partition**: clear the failed tasks (UI) or
 `airflow dags clear tiktok_conversions --partition-key YYYY-MM-DD`. **Manual run**: trigger
@@ -30,6 +35,7 @@ import os
 from airflow.sdk import DAG, CronPartitionTimetable, Param
 
 from liveramp_capi.notifiers import default_failure_notifier, partition_deadline_alert
+from liveramp_capi.operators.claim import ClaimPartitionOperator
 from liveramp_capi.operators.extract import ExtractPartitionOperator
 from liveramp_capi.operators.report import ReportConversionsOperator
 from liveramp_capi.operators.send import SendConversionsOperator
@@ -51,6 +57,8 @@ with DAG(
     schedule=CronPartitionTimetable("0 3 * * *", timezone="UTC", run_offset=-1, key_format="%Y-%m-%d"),
     start_date=dt.datetime(2026, 11, 1, tzinfo=dt.UTC),
     catchup=False,
+    # Two runs at once serve a backfill (different partitions in parallel). Two runs of the SAME
+    # partition (a manual trigger beside the scheduled run) are serialised by claim_partition.
     max_active_runs=2,
     tags=["tiktok", "liveramp", "conversions"],
     # A failed partition reaches a human through a pluggable notifier; a late one through a deadline.
@@ -82,6 +90,14 @@ with DAG(
         # Waiting is not failing: the sensor's own timeout is the limit, not retries.
         retries=1,
     )
+    claim_partition = ClaimPartitionOperator(
+        task_id="claim_partition",
+        partition=PARTITION,
+        landing_root=LANDING_ROOT,
+        output_root=OUTPUT_ROOT,
+        wait_minutes="{{ var.value.get('capi_partition_claim_wait_minutes', '60') }}",
+        poll_seconds="{{ var.value.get('capi_partition_claim_poll_seconds', '15') }}",
+    )
     extract = ExtractPartitionOperator(
         task_id="extract", partition=PARTITION, landing_root=LANDING_ROOT, output_root=OUTPUT_ROOT
     )
@@ -107,4 +123,4 @@ with DAG(
         task_id="report", partition=PARTITION, landing_root=LANDING_ROOT, output_root=OUTPUT_ROOT
     )
 
-    wait_for_partition >> extract >> validate >> send >> report
+    wait_for_partition >> claim_partition >> extract >> validate >> send >> report

@@ -6,6 +6,12 @@ triggerer, this repository's ``dags/``, the local stand-in of LiveRamp's endpoin
 it records what it receives) and the sample partition staged for yesterday. Trigger
 ``tiktok_conversions`` from the UI with the param ``partition`` = the day printed below.
 
+The connections (CAPI adapter, envelope API, state database) and Variables are created in the
+metadata database on first start, so they are visible and editable in Admin > Connections /
+Variables like in production (an edit there is what the next run uses; "Test connection" is
+enabled because everything here is local). Later starts keep the user's edits and only move the
+stand-in connections to the stand-in's new port when the old one is taken.
+
 Stop with Ctrl-C: the stand-in and Airflow stop together. The Airflow home is kept between runs
 (delete ``.airflow/`` to start over).
 """
@@ -37,10 +43,61 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def environment(standin_port: int, api_port: int = 8080) -> dict[str, str]:
-    """The environment of ``airflow standalone``: Airflow home, DAGs, connections, Variables.
+def _standin_port() -> int:
+    """The stand-in's port: the one of the last start when it is free, so the connections stay valid."""
+    remembered = HOME / "standin.port"
+    if remembered.exists():
+        port = int(remembered.read_text())
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                pass
+    port = _free_port()
+    remembered.write_text(str(port))
+    return port
+
+
+def connections(standin_port: int) -> dict[str, dict]:
+    """The local connections, as Airflow's connection JSON, by connection id.
 
     :param standin_port: where the stand-in listens on 127.0.0.1.
+    """
+    standin = f"http://127.0.0.1:{standin_port}"
+    return {
+        "liveramp_capi_default": {
+            "conn_type": "liveramp_capi",
+            "host": standin,
+            "password": STANDIN_CONFIG_ID,
+            "extra": {"concurrency": 32, "timeout_seconds": 5, "max_attempts": 4},
+        },
+        # pid and origin are placeholders the stand-in accepts.
+        "liveramp_envelope_default": {
+            "conn_type": "liveramp_envelope",
+            "host": standin,
+            "extra": {"pid": "local-placement", "origin": "https://yourwebshop.com", "concurrency": 16},
+        },
+        "capi_state_default": {"conn_type": "sqlite", "host": str(HOME / "state.db")},
+    }
+
+
+def variables() -> dict[str, str]:
+    """The local Variables: landing and output roots under ``.airflow/``, and the sample's reject share."""
+    return {
+        "capi_landing_root": f"file://{HOME / 'landing'}",
+        "capi_output_root": f"file://{HOME / 'output'}",
+        # The sample holds a handful of deliberately invalid records among ~60.
+        "capi_max_invalid_ratio": "0.25",
+    }
+
+
+def environment(api_port: int = 8080) -> dict[str, str]:
+    """The environment of ``airflow standalone`` and of the seeding step: Airflow home, DAGs, UI.
+
+    Connections and Variables are NOT environment variables here (Airflow would hide them from the
+    UI and ignore edits made there): :func:`seed_metadata` writes them to the metadata database.
+
     :param api_port: the UI / API port.
     """
     env = os.environ.copy()
@@ -51,30 +108,63 @@ def environment(standin_port: int, api_port: int = 8080) -> dict[str, str]:
             "AIRFLOW_HOME": str(HOME / "home"),
             "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{HOME / 'home' / 'airflow.db'}",
             "AIRFLOW__API__PORT": str(api_port),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
-            "AIRFLOW_CONN_LIVERAMP_CAPI_DEFAULT": json.dumps(
-                {
-                    "conn_type": "liveramp_capi",
-                    "host": f"http://127.0.0.1:{standin_port}",
-                    "password": STANDIN_CONFIG_ID,
-                    "extra": {"concurrency": 32, "timeout_seconds": 5, "max_attempts": 4},
-                }
-            ),
-            "AIRFLOW_CONN_CAPI_STATE_DEFAULT": json.dumps({"conn_type": "sqlite", "host": str(HOME / "state.db")}),
-            "AIRFLOW_VAR_CAPI_LANDING_ROOT": f"file://{HOME / 'landing'}",
-            "AIRFLOW_VAR_CAPI_OUTPUT_ROOT": f"file://{HOME / 'output'}",
-            # The sample holds a handful of deliberately invalid records among ~60.
-            "AIRFLOW_VAR_CAPI_MAX_INVALID_RATIO": "0.25",
+            # Every endpoint here is local (the stand-in, a SQLite file): testing a connection from
+            # the UI reaches nothing outside this machine. Leave it disabled in production unless
+            # the UI's users may make the workers open arbitrary connections.
+            "AIRFLOW__CORE__TEST_CONNECTION": "Enabled",
             "CAPI_SCHEMA_PATH": str(REPO / "include" / "schemas" / "tiktok_event.schema.json"),
         }
     )
+    for name in list(env):
+        # A connection or Variable from the caller's shell would shadow the metadata database's.
+        if name.startswith(("AIRFLOW_CONN_", "AIRFLOW_VAR_")):
+            del env[name]
     return env
+
+
+_SEED = """
+import json, sys
+from airflow.models import Connection, Variable
+from airflow.utils.session import create_session
+
+wanted = json.loads(sys.argv[1])
+with create_session() as session:
+    for conn_id, spec in wanted["connections"].items():
+        found = session.query(Connection).filter(Connection.conn_id == conn_id).one_or_none()
+        if found is None:
+            session.add(Connection(conn_id=conn_id, conn_type=spec["conn_type"], host=spec["host"],
+                                   password=spec.get("password"), extra=json.dumps(spec.get("extra") or {})))
+            print(f"  created connection {conn_id}")
+        elif found.host and found.host.startswith("http://127.0.0.1:") and found.host != spec["host"]:
+            found.host = spec["host"]  # the stand-in moved to another port; the user's other edits stay
+            print(f"  connection {conn_id}: host moved to the stand-in's new port")
+    for key, value in wanted["variables"].items():
+        if Variable.get(key, default=None) is None:
+            Variable.set(key, value)
+            print(f"  created Variable {key}")
+"""
+
+
+def seed_metadata(env: dict[str, str], standin_port: int) -> None:
+    """Migrate the metadata DB and create the local connections and Variables the user has not got.
+
+    :param env: from :func:`environment`.
+    :param standin_port: where the stand-in listens.
+    """
+    subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
+    wanted = {
+        "connections": connections(standin_port),
+        "variables": variables(),
+    }
+    subprocess.run([sys.executable, "-c", _SEED, json.dumps(wanted)], env=env, check=True)
 
 
 def main() -> int:
     (HOME / "home").mkdir(parents=True, exist_ok=True)
-    standin_port = _free_port()
+    standin_port = _standin_port()
     partition = (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)).isoformat()
     stage_sample_partition(HOME / "landing", partition)
     standin = subprocess.Popen(
@@ -101,7 +191,9 @@ def main() -> int:
     )
     airflow: subprocess.Popen[bytes] | None = None
     try:
-        airflow = subprocess.Popen([str(BIN / "airflow"), "standalone"], env=environment(standin_port))
+        env = environment()
+        seed_metadata(env, standin_port)
+        airflow = subprocess.Popen([str(BIN / "airflow"), "standalone"], env=env)
         return airflow.wait()
     except KeyboardInterrupt:
         if airflow is None:

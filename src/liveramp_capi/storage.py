@@ -13,7 +13,14 @@ from typing import IO, Any
 
 from airflow.sdk import ObjectStoragePath
 
-from liveramp_capi.domain.partition import PartitionLayout, check_root, input_kind, parse_partition
+from liveramp_capi.domain.partition import (
+    WORK_ROOT,
+    PartitionLayout,
+    check_root,
+    input_kind,
+    parse_partition,
+    run_key,
+)
 
 
 class PartitionNotFound(FileNotFoundError):
@@ -34,11 +41,12 @@ class PartitionStorage:
     :param landing_root: URL of the landing root (``<landing_root>/dt=YYYY-MM-DD/`` holds the input).
     :param output_root: URL of the output root (``<output_root>/dt=YYYY-MM-DD/`` receives results).
     :param partition: the partition name, ``YYYY-MM-DD``; checked again here.
+    :param run_id: the Airflow run whose work folder (``_work/<run>/``) this storage writes.
     """
 
-    def __init__(self, landing_root: str, output_root: str, partition: str) -> None:
+    def __init__(self, landing_root: str, output_root: str, partition: str, run_id: str | None = None) -> None:
         self.partition = parse_partition(partition)
-        self.layout = PartitionLayout(self.partition)
+        self.layout = PartitionLayout(self.partition, run_key(run_id) if run_id else "")
         self.input_dir = ObjectStoragePath(check_root(landing_root, name="capi_landing_root")) / self.layout.folder
         self.output_dir = ObjectStoragePath(check_root(output_root, name="capi_output_root")) / self.layout.folder
 
@@ -97,6 +105,45 @@ class PartitionStorage:
         if not folder.exists():
             return iter(())
         return iter(sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.name))
+
+    def publish(self, deliverable: str) -> None:
+        """Move this run's draft of a deliverable into place, replacing the one there.
+
+        Only the run holding the partition's claim calls this, so deliverables of two runs never
+        interleave; on local storage the move is an atomic rename.
+        """
+        draft = self.output_dir / self.layout.draft(deliverable)
+        target = self.output_dir / deliverable
+        if target.exists():
+            target.unlink()
+        draft.rename(target)
+
+    def remove_other_runs(self) -> list[str]:
+        """Delete other runs' work of this partition, keeping each run's ``summary.json``; return their names.
+
+        Called by a run that has just claimed the partition: no other run may still use them.
+        Their summaries stay as the record of what each run did (a few KB a run).
+        """
+        work = self.output_dir / WORK_ROOT
+        if not work.exists():
+            return []
+        removed = []
+        for child in work.iterdir():
+            # Anything else under _work/ is another run's, or the flat layout of an older version.
+            if child.name == self.layout.run:
+                continue
+            if not child.is_dir():
+                child.unlink()
+            else:
+                for entry in child.iterdir():
+                    if entry.name == self.layout.summary:
+                        continue
+                    if entry.is_dir():
+                        entry.fs.rm(entry.path, recursive=True)
+                    else:
+                        entry.unlink()
+            removed.append(child.name)
+        return sorted(removed)
 
     def clear(self, relative_dir: str) -> None:
         """Remove an output folder's files, so a rerun never mixes with an earlier run's leftovers."""

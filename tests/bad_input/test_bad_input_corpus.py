@@ -23,6 +23,10 @@ from conversions_run import configure_pipeline, output_json, output_jsonl, yeste
 from corpus import ENVELOPE, EXPECTED, case_bytes, case_names, stage_case  # noqa: E402
 from fault_support import run_dag_once, task_context  # noqa: E402
 
+from liveramp_capi.domain.partition import PartitionLayout, run_key  # noqa: E402
+
+RUN_ID = "manual__bad_input"
+
 CASES = case_names()
 
 
@@ -35,12 +39,12 @@ def _run_validation(root: Path, partition: str) -> tuple[dict, list[dict]]:
     from liveramp_capi.operators.validate import ValidateConversionsOperator
 
     roots = {"landing_root": f"file://{root / 'landing'}", "output_root": f"file://{root / 'output'}"}
-    ExtractPartitionOperator(task_id="extract", partition=partition, **roots).execute(task_context())
+    ExtractPartitionOperator(task_id="extract", partition=partition, **roots).execute(task_context(RUN_ID))
     ValidateConversionsOperator(task_id="validate", partition=partition, max_invalid_ratio=1.0, **roots).execute(
-        task_context()
+        task_context(RUN_ID)
     )
     out = root / "output" / f"dt={partition}"
-    validation = json.loads((out / "_work" / "validation.json").read_text())
+    validation = json.loads((out / PartitionLayout(partition, run_key(RUN_ID)).validation).read_text())
     rejects = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines() if line]
     return validation, rejects
 

@@ -7,6 +7,8 @@ scheduler, dag-processor, api-server and two Celery workers as separate processe
    interrupted tasks are cleared through the REST API and the partition completes with every
    valid event delivered; events re-sent are only those of batches the ledger had "in flight"
    (``resent_unknown_outcome_batches`` in the summary).
+3. Two runs of one partition triggered at the same moment: one waits for the other's claim, both
+   end green, every valid event arrives exactly once.
 
 Skipped when PostgreSQL (127.0.0.1:5432) or Redis (127.0.0.1:6379) is unreachable.
 """
@@ -214,3 +216,24 @@ def test_partition_spreads_over_two_celery_workers_and_survives_a_killed_worker(
     # TikTok deduplicates those by event name + event_id.
     assert duplicate_batches <= resent
     print("\ndistributed e2e measurements:", json.dumps(measured, sort_keys=True))
+
+
+def test_two_runs_of_one_partition_on_celery_deliver_every_event_once(deployment: Deployment) -> None:
+    standin = deployment.standin  # type: ignore[attr-defined]
+    standin.config(latency_ms=300)  # the first run's shards send for several seconds
+    partition = (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=4)).isoformat()
+    valid = write_partition(deployment.root / "landing", partition, "C")
+
+    run_ids = [deployment.trigger(DAG_ID, {"partition": partition}) for _ in range(2)]
+    states = [_wait_run(deployment, run_id, 600) for run_id in run_ids]
+
+    assert states == ["success", "success"], deployment.diagnose()
+    delivered = Counter(i for i in standin.received_event_ids() if i.startswith("C-"))
+    assert set(delivered) == valid
+    assert max(delivered.values()) == 1, "an event was delivered twice"
+    run_summaries = [
+        json.loads(p.read_text())
+        for p in (deployment.root / "output" / f"dt={partition}" / "_work").glob("*/summary.json")
+    ]
+    assert sorted(s["delivered_this_run"] for s in run_summaries) == [0, len(valid)]
+    assert _summary(deployment, partition)["status"] == "complete"

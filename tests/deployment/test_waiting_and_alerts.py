@@ -88,6 +88,34 @@ def test_sensor_succeeds_at_once_when_the_partition_is_complete(tmp_path: Path) 
     assert sensor.execute({}) is None  # no TaskDeferred: no triggerer round trip
 
 
+def test_sensor_fails_at_once_when_the_landing_root_does_not_exist(tmp_path: Path) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    typo = f"file://{tmp_path}/landnig"
+    sensor = PartitionReadySensor(task_id="wait", partition=PARTITION, landing_root=typo, max_wait_minutes="360")
+    # Fails instead of deferring for six hours: "root missing" is not "partition not arrived yet".
+    with pytest.raises(AirflowFailException, match=r"landing root .*/landnig does not exist \(Variable capi_landing_root\)"):
+        sensor.execute({})
+    sensor = PartitionReadySensor(
+        task_id="wait", partition=PARTITION, landing_root=typo, max_wait_minutes="360", deferrable=False
+    )
+    with pytest.raises(AirflowFailException, match="does not exist"):
+        sensor.execute({})
+
+
+def test_log_notifier_works_with_the_serialized_dag_of_a_dag_callback(caplog: pytest.LogCaptureFixture) -> None:
+    """``airflow dags test`` hands DAG callbacks a serialized DAG, which has no Jinja environment."""
+
+    class _SerializedDag:
+        dag_id = "tiktok_conversions"
+
+    context = {"dag": _SerializedDag(), "run_id": "manual__x", "params": {"partition": PARTITION}, "reason": "task_failure"}
+    with caplog.at_level(logging.ERROR, logger="liveramp_capi.alerts"):
+        LogNotifier("partition failed")(context)
+    line = caplog.records[-1].getMessage()
+    assert "dag=tiktok_conversions" in line and f"partition={PARTITION}" in line
+
+
 def test_log_notifier_names_the_partition_and_nothing_secret(caplog: pytest.LogCaptureFixture) -> None:
     class _TI:
         dag_id, task_id, map_index, try_number = "tiktok_conversions", "send", 3, 2
@@ -159,7 +187,9 @@ def test_dag_wires_the_sensor_notifier_and_deadline(monkeypatch: pytest.MonkeyPa
     dag = DagBag(dag_folder=str(REPO / "dags" / "tiktok_conversions.py")).get_dag("tiktok_conversions")
     wait = dag.get_task("wait_for_partition")
     assert isinstance(wait, PartitionReadySensor) and wait.deferrable
-    assert [t.task_id for t in wait.downstream_list] == ["extract"]
+    # Nothing is read before the run owns its partition.
+    assert [t.task_id for t in wait.downstream_list] == ["claim_partition"]
+    assert [t.task_id for t in dag.get_task("claim_partition").downstream_list] == ["extract"]
     assert dag.on_failure_callback
     deadlines = dag.deadline if isinstance(dag.deadline, list) else [dag.deadline]
     assert deadlines[0].interval == dt.timedelta(minutes=120)

@@ -137,8 +137,18 @@ def ledger_rows(state_db: Path, partition: str) -> list[dict[str, Any]]:
 
 
 def task_context(run_id: str = "manual__faults", try_number: int = 1) -> dict[str, Any]:
-    """The slice of an Airflow context the project's operators read (``run_id``, ``ti.try_number``)."""
-    return {"run_id": run_id, "ti": SimpleNamespace(try_number=try_number)}
+    """The slice of an Airflow context the project's operators read (``run_id``, the task instance).
+
+    ``ti.get_dagrun_state`` answers "running": a run outside Airflow never counts as ended.
+    """
+    ti = SimpleNamespace(
+        dag_id="tiktok_conversions",
+        task_id="operator_under_test",
+        map_index=-1,
+        try_number=try_number,
+        get_dagrun_state=lambda dag_id, run_id: "running",
+    )
+    return {"run_id": run_id, "ti": ti}
 
 
 def run_dag_once(partition: str, dag_id: str = "tiktok_conversions", **conf: Any) -> str:

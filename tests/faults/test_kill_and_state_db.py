@@ -44,6 +44,10 @@ def test_send_killed_mid_partition_rerun_resends_only_in_flight_batches(airflow_
     generated = write_partition(tmp_path / "landing", partition, users=40, seed=21)
     # Two requests in flight, 150 ms each: the send step takes several seconds.
     configure_pipeline(monkeypatch, tmp_path, standin, concurrency=2, max_attempts=3)
+    # The killed run never releases its claim and Airflow still shows it running: the rerun waits
+    # for the claim to lapse (6 s here, 10 minutes by default), then takes over.
+    monkeypatch.setenv("AIRFLOW_VAR_CAPI_PARTITION_LEASE_MINUTES", "0.1")
+    monkeypatch.setenv("AIRFLOW_VAR_CAPI_PARTITION_CLAIM_POLL_SECONDS", "0.5")
     standin.config(latency_ms=150)
     log_path = tmp_path / "killed-run.log"
     with log_path.open("wb") as log:

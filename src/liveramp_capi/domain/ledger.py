@@ -236,6 +236,21 @@ class DeliveryLedger:
         """
         return set(self._batch_ids(partition, shard, shard_count, ACKNOWLEDGED))
 
+    def acknowledged_batch_runs(self, partition: str, shard: int, shard_count: int) -> dict[str, str | None]:
+        """Return ``{batch_id: run_id}`` for the shard's acknowledged batches (who got the acknowledgement).
+
+        The run id is the one recorded with the acknowledgement (``<run>#<try>``), so a caller can
+        tell its own run's earlier tries from earlier runs.
+
+        :param partition: partition name.
+        :param shard: shard index, ``0..shard_count-1``.
+        :param shard_count: the partition's shard count.
+        """
+        where = self._shard_filter(partition, shard, shard_count, ACKNOWLEDGED)
+        query = sa.select(ledger_table.c.batch_id, ledger_table.c.run_id).where(where)
+        with self.engine.connect() as connection:
+            return {batch_id: run_id for batch_id, run_id in connection.execute(query)}
+
     def unresolved_batches(self, partition: str, shard: int, shard_count: int) -> list[str]:
         """Return ids of the shard's batches left ``in_flight`` (their outcome is unknown).
 

@@ -16,7 +16,9 @@ SHARD_COUNTERS: tuple[str, ...] = (
     "sessions",
     "batches",
     "delivered_events",
+    "delivered_earlier_tries_events",
     "previously_delivered_events",
+    "not_sent_events",
     "failed_events",
     "failed_batches",
     "envelope_expired_events",
@@ -34,25 +36,37 @@ def build_summary(
     shard_results: Iterable[Mapping[str, Any]],
     *,
     run_id: str | None = None,
+    unfinished_tasks: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Add up a partition's counts and check that they balance.
+    """Add up what one run did for a partition and check that the counts balance.
+
+    Everything counted comes from this run's own work folder: an earlier run's deliveries appear
+    only as ``previously_delivered_events`` (read from the ledger by the send step), never as
+    this run's. Counts add up over all task tries of the run.
 
     :param partition: the partition name.
-    :param validation: the validate step's tally (``None`` when validation never finished).
-    :param shard_results: one result per send shard that reported.
+    :param validation: this run's validate tally (``None`` when validation never finished).
+    :param shard_results: one result per send shard that reported in this run.
     :param run_id: the Airflow run that produced this summary.
+    :param unfinished_tasks: tasks of this run that did not succeed, ``{task: state}``; any makes
+        the status at best ``incomplete``.
     """
     totals: Counter[str] = Counter()
     reported: list[int] = []
+    by_try: dict[int, Counter[str]] = {}
     for result in shard_results:
         reported.append(int(result["shard"]))
         for name in SHARD_COUNTERS:
             totals[name] += int(result.get(name, 0))
+        for entry in result.get("tries", []):
+            per_try = by_try.setdefault(int(entry["try"]), Counter())
+            per_try.update({k: int(v) for k, v in entry.items() if k != "try"})
 
-    summary: dict[str, Any] = {"partition": partition, "run_id": run_id}
+    unfinished = dict(sorted((unfinished_tasks or {}).items()))
+    summary: dict[str, Any] = {"partition": partition, "run_id": run_id, "unfinished_tasks": unfinished}
     if validation is None:
-        summary["status"] = "validation_incomplete"
-        summary["read"] = None
+        # Nothing of the partition was read by this run: say so, with the tasks that stopped it.
+        summary.update({"status": "not_processed", "read": None, "delivered_this_run": 0})
         return summary
 
     read = int(validation["read"])
@@ -60,7 +74,8 @@ def build_summary(
     rejected = int(validation["rejected"])
     duplicates = int(validation["duplicates"])
     planned = list(validation.get("shards", []))
-    delivered = totals["delivered_events"] + totals["previously_delivered_events"]
+    delivered_this_run = totals["delivered_events"] + totals["delivered_earlier_tries_events"]
+    delivered = delivered_this_run + totals["previously_delivered_events"]
     failed = totals["failed_events"]
     # Held back at send time: every envelope they could use had expired (not a delivery failure).
     expired = totals["envelope_expired_events"]
@@ -70,7 +85,7 @@ def build_summary(
 
     if validation.get("rejected_ratio_exceeded"):
         status = "rejected_ratio_exceeded"
-    elif failed or missing_shards:
+    elif failed or missing_shards or unfinished or totals["not_sent_events"]:
         status = "incomplete"
     else:
         status = "complete"
@@ -88,9 +103,10 @@ def build_summary(
             "sessions": totals["sessions"],
             "batches": totals["batches"],
             "delivered_events": delivered,
-            "delivered_this_run": totals["delivered_events"],
+            "delivered_this_run": delivered_this_run,
             "previously_delivered_events": totals["previously_delivered_events"],
             "failed_events": failed,
+            "not_sent_events": totals["not_sent_events"],
             "failed_batches": totals["failed_batches"],
             "envelope_expired_events": expired,
             "envelope_replaced_events": totals["envelope_replaced_events"],
@@ -99,6 +115,7 @@ def build_summary(
             "requests": totals["requests"],
             "retries": totals["retries"],
             "shards": {"planned": len(planned), "reported": len(reported), "missing": missing_shards},
+            "tries": {str(n): dict(sorted(by_try[n].items())) for n in sorted(by_try)},
         }
     )
     summary["checks"] = {

@@ -89,6 +89,13 @@ class LogNotifier(BaseNotifier):
         super().__init__(context=context)
         self.title = title
 
+    def render_template_fields(self, context: Any, jinja_env: Any = None) -> None:
+        # Nothing to render, and rendering would need the DAG's Jinja environment, which the
+        # serialized DAG handed to callbacks by ``airflow dags test`` does not have (Airflow 3.3:
+        # "'SerializedDAG' object has no attribute 'get_template_env'"), so the alert itself failed.
+        if self.template_fields:
+            super().render_template_fields(context, jinja_env)
+
     def notify(self, context: Any) -> None:
         _LOG.error("%s", describe(context, self.title))
 

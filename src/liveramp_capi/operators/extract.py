@@ -47,7 +47,7 @@ class ExtractPartitionOperator(BaseOperator):
         from liveramp_capi.storage import PartitionStorage
 
         with permanent_config_errors():
-            storage = PartitionStorage(self.landing_root, self.output_root, self.partition)
+            storage = PartitionStorage(self.landing_root, self.output_root, self.partition, context["run_id"])
         inputs, ignored = storage.list_inputs()
         if ignored:
             self.log.warning(

@@ -81,7 +81,8 @@ def _store(conn_id: str) -> Any:
 
     hook = CapiStateHook(capi_state_conn_id=conn_id)
     try:
-        check_reachable(hook.get_engine())
+        with permanent_config_errors(conn_id):
+            check_reachable(hook.get_engine())
     except StateDatabaseUnavailable as err:
         raise AirflowException(f"state database unavailable, nothing refreshed: {err}") from None
     return hook.get_envelope_store()
@@ -227,7 +228,9 @@ class RefreshEnvelopesOperator(BaseOperator):
             folder = _RunFolder(self.output_root, self.run_date)
         store = _store(self.capi_state_conn_id)
         hook = LiveRampEnvelopeHook(liveramp_envelope_conn_id=self.liveramp_envelope_conn_id)
-        hook.get_refresh_config()  # a missing pid fails here, before anything is selected
+        # A missing connection or pid fails here, at once: no retry can create it.
+        with permanent_config_errors(self.liveramp_envelope_conn_id):
+            hook.get_refresh_config()
 
         selected = 0
         refreshed: list[RefreshResult] = []

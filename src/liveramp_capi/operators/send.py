@@ -67,29 +67,25 @@ class SendConversionsOperator(BaseOperator):
         self.max_batch_events = max_batch_events
 
     def execute(self, context: Any) -> dict[str, Any]:
-        import time
-
-        import orjson
         from sqlalchemy.exc import SQLAlchemyError
 
-        from liveramp_capi.domain.batches import Batch
-        from liveramp_capi.domain.envelopes import cut_resolved_batches, resolve_session
-        from liveramp_capi.domain.sessions import read_shard, sessionise
         from liveramp_capi.domain.statedb import StateDatabaseUnavailable, _scrub, check_reachable, describe
         from liveramp_capi.hooks.capi import LiveRampCapiHook
         from liveramp_capi.hooks.state import CapiStateHook
+        from liveramp_capi.operators.partition_claim import holding_partition
         from liveramp_capi.storage import PartitionStorage
 
         shard = int(self.shard)
         with permanent_config_errors():
-            storage = PartitionStorage(self.landing_root, self.output_root, self.partition)
-        partition, layout = storage.partition, storage.layout
+            storage = PartitionStorage(self.landing_root, self.output_root, self.partition, context["run_id"])
+        partition = storage.partition
         run_id = f"{context['run_id']}#{context['ti'].try_number}"
 
         # Nothing is sent without a ledger: an unreachable state database stops the task here.
         state = CapiStateHook(capi_state_conn_id=self.capi_state_conn_id)
         try:
-            check_reachable(state.get_engine())
+            with permanent_config_errors(self.capi_state_conn_id):
+                check_reachable(state.get_engine())
             ledger = state.get_ledger()
             envelope_store = state.get_envelope_store()
         except StateDatabaseUnavailable as err:
@@ -103,10 +99,41 @@ class SendConversionsOperator(BaseOperator):
             ) from None
 
         capi = LiveRampCapiHook(liveramp_capi_conn_id=self.liveramp_capi_conn_id)
-        settings = capi.get_settings()
+        with permanent_config_errors(self.liveramp_capi_conn_id):
+            settings = capi.get_settings()
         max_events = int(self.max_batch_events or settings.max_batch_events)
 
+        with holding_partition(state, partition, context) as claim:
+            return self._deliver(context, storage, ledger, envelope_store, capi, claim, shard, max_events, run_id)
+
+    def _deliver(
+        self,
+        context: Any,
+        storage: Any,
+        ledger: Any,
+        envelope_store: Any,
+        capi: Any,
+        claim: Any,
+        shard: int,
+        max_events: int,
+        run_id: str,
+    ) -> dict[str, Any]:
+        import time
+
+        import orjson
+
+        from liveramp_capi.domain.batches import Batch
+        from liveramp_capi.domain.envelopes import cut_resolved_batches, resolve_session
+        from liveramp_capi.domain.sessions import read_shard, sessionise
+        from liveramp_capi.domain.summary import SHARD_COUNTERS
+
+        partition, layout = storage.partition, storage.layout
+        this_run = f"{context['run_id']}#"
         shard_count = int(storage.read_json(layout.validation)["shard_count"])
+        # The tries of this run that came before this one, so the run's counts add up over tries.
+        earlier_tries = []
+        if storage.exists(layout.result(shard)):
+            earlier_tries = list(storage.read_json(layout.result(shard)).get("tries", []))
         # A result or failure list from an earlier try must not be counted for this one.
         for stale in (layout.result(shard), layout.failed_part(shard), layout.expired_part(shard)):
             if storage.exists(stale):
@@ -114,8 +141,9 @@ class SendConversionsOperator(BaseOperator):
 
         # Batches are cut deterministically from the shard, so a rerun cuts the same batches and
         # skips the acknowledged ones by id. (Skipping by event_id would be wrong: ids repeat
-        # across event types, the seed's own app examples all use "1".)
-        acknowledged = ledger.acknowledged_batch_ids(partition, shard, shard_count)
+        # across event types, the seed's own app examples all use "1".) Who acknowledged them
+        # decides whether they count as this run's deliveries (an earlier try) or an earlier run's.
+        acknowledged = ledger.acknowledged_batch_runs(partition, shard, shard_count)
         unknown_outcome = ledger.unresolved_batches(partition, shard, shard_count)
         if unknown_outcome:
             self.log.warning(
@@ -140,7 +168,10 @@ class SendConversionsOperator(BaseOperator):
         pending_acks: list[tuple[Batch, int]] = []
         ack_flush_at = [time.monotonic() + _ACK_FLUSH_SECONDS]
         failures: list[tuple[Batch, int, int | None, str]] = []
+        not_sent: list[tuple[Batch, int, int | None, str]] = []
         failed_lines: list[bytes] = []
+        # Set by a 404: send-events does not know the configuration ID, so every batch would fail.
+        abort: list[int] = []
 
         def batches() -> Iterator[Batch]:
             group: list[Batch] = []
@@ -173,7 +204,14 @@ class SendConversionsOperator(BaseOperator):
                 # runs does not change them (the ledger still recognises what was acknowledged).
                 for batch in cut_resolved_batches(resolved, partition=partition, max_events=max_events):
                     if batch.batch_id in acknowledged:
-                        counts["previously_delivered_events"] += batch.event_count
+                        by_this_run = (acknowledged[batch.batch_id] or "").startswith(this_run)
+                        counts["delivered_earlier_tries_events" if by_this_run else "previously_delivered_events"] += (
+                            batch.event_count
+                        )
+                        continue
+                    if abort:
+                        # The endpoint refused the configuration itself: nothing more is sent.
+                        counts["not_sent_events"] += batch.event_count
                         continue
                     group.append(batch)
                     if len(group) >= _LEDGER_GROUP:
@@ -183,9 +221,18 @@ class SendConversionsOperator(BaseOperator):
                 yield from _in_flight(group)
 
         def _in_flight(group: list[Batch]) -> Iterator[Batch]:
+            # A run that lost its claim to another run must not put one more batch on the wire.
+            claim.ensure_held()
             ledger.mark_in_flight(partition, group, run_id)
-            counts["batches"] += len(group)
-            yield from group
+            for batch in group:
+                if abort:
+                    # Marked but never sent: recorded as failed (not unknown), so the rerun sends it
+                    # without counting it as a possible duplicate.
+                    counts["not_sent_events"] += batch.event_count
+                    not_sent.append((batch, 0, None, "not sent: the endpoint refused the configuration ID"))
+                    continue
+                counts["batches"] += 1
+                yield batch
 
         def on_outcome(batch: Any, outcome: Any) -> None:
             if outcome.acknowledged:
@@ -199,6 +246,8 @@ class SendConversionsOperator(BaseOperator):
                 return
             counts["failed_batches"] += 1
             counts["permanently_failed_batches"] += int(bool(outcome.permanent))
+            if outcome.status == 404:
+                abort.append(outcome.status)
             counts["failed_events"] += batch.event_count
             failures.append((batch, outcome.attempts, outcome.status, outcome.error or "failed"))
             failed_lines.append(
@@ -221,8 +270,9 @@ class SendConversionsOperator(BaseOperator):
         stats = capi.send_batches(batches(), on_outcome)
         if pending_acks:
             ledger.record_acknowledged(partition, pending_acks, run_id)
+        if failures or not_sent:
+            ledger.record_failed(partition, failures + not_sent, run_id)
         if failures:
-            ledger.record_failed(partition, failures, run_id)
             with storage.open_output(layout.failed_part(shard)) as out:
                 out.write(b"\n".join(failed_lines) + b"\n")
         if expired_lines:
@@ -231,36 +281,54 @@ class SendConversionsOperator(BaseOperator):
         counts["batches_sent"] = counts["batches"]
         counts["requests"] = int(getattr(stats, "requests", 0))
         counts["retries"] = int(getattr(stats, "retries", 0))
+        counts["delivered_this_run_events"] = counts["delivered_events"] + counts["delivered_earlier_tries_events"]
 
-        result = {"shard": shard, "partition": partition, **{k: int(v) for k, v in counts.items()}}
+        this_try = {
+            "try": int(context["ti"].try_number),
+            **{name: int(counts[name]) for name in ("delivered_events", "failed_events", "batches", "requests", "retries")},
+        }
+        tries = [t for t in earlier_tries if t.get("try") != this_try["try"]] + [this_try]
+        # Every counter is written, zeros included, so readers never guess what a missing key means.
+        names = dict.fromkeys((*SHARD_COUNTERS, "permanently_failed_batches", "delivered_this_run_events", *counts))
+        result = {"shard": shard, "partition": partition, **{k: int(counts[k]) for k in names}, "tries": tries}
         storage.write_json(layout.result(shard), result)
         self.log.info(
-            "Shard %d: %d sessions, %d batches sent, %d events delivered now, %d delivered earlier, "
-            "%d events in %d failed batches, %d held back (envelope expired), %d with the store's fresher "
-            "envelope, %d requests, %d retries",
+            "Shard %d: %d sessions, %d batches sent, %d events delivered by this try, %d by earlier tries of this "
+            "run, %d by earlier runs, %d events in %d failed batches, %d not sent, %d held back (envelope "
+            "expired), %d with the store's fresher envelope, %d requests, %d retries",
             shard,
             counts["sessions"],
             counts["batches"],
             counts["delivered_events"],
+            counts["delivered_earlier_tries_events"],
             counts["previously_delivered_events"],
             counts["failed_events"],
             counts["failed_batches"],
+            counts["not_sent_events"],
             counts["envelope_expired_events"],
             counts["envelope_replaced_events"],
             counts["requests"],
             counts["retries"],
         )
+        if abort:
+            raise AirflowFailException(
+                f"shard {shard}: LiveRamp's send-events answered 404 Not Found: it does not know the ATS "
+                f"configuration ID in connection {self.liveramp_capi_conn_id} (its password field). Nothing more "
+                f"was sent ({counts['not_sent_events']} events held back, {counts['delivered_events']} delivered "
+                "by this try). Copy the ID from LiveRamp Console > ATS > configuration > Admin into the "
+                "connection, then clear this run's failed tasks."
+            )
         if failures:
             reasons = Counter(error for _, _, _, error in failures)
             summary = ", ".join(f"{reason} x{n}" for reason, n in reasons.most_common(5))
             message = (
-                f"shard {shard}: {len(failures)} batches ({counts['failed_events']} events) failed for good "
-                f"({summary}); the rest was delivered. See {layout.folder}/{layout.failed}; "
-                "a rerun sends only what was not acknowledged."
+                f"shard {shard}: {len(failures)} of {counts['batches']} batches sent ({counts['failed_events']} "
+                f"events) failed for good ({summary}); {counts['delivered_events']} events were delivered by this "
+                f"try, {counts['delivered_earlier_tries_events'] + counts['previously_delivered_events']} before it. "
+                f"See {layout.folder}/{layout.failed} after the report; a rerun sends only what was not acknowledged."
             )
             # A permanent refusal (4xx) will not heal by retrying the task; exhausted retries may.
             if counts["permanently_failed_batches"] == len(failures):
                 raise AirflowFailException(message)
             raise AirflowException(message)
-        return result
-
+        return {k: result[k] for k in ("shard", "partition", "events", "delivered_this_run_events", "failed_events")}

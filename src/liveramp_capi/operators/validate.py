@@ -9,7 +9,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from liveramp_capi.operators.config_errors import permanent_config_errors
+from liveramp_capi.operators.config_errors import permanent_config_errors, setting_number
 
 #: Rough bytes of one event on disk, uncompressed, and the compression ratio of gzip on JSONL;
 #: only used to choose how many shards a partition is cut into before it has been read.
@@ -86,20 +86,53 @@ class ValidateConversionsOperator(BaseOperator):
         self.capi_state_conn_id = capi_state_conn_id
 
     def _settings(self) -> tuple[float, int, bool, int]:
-        try:
-            ratio = float(self.max_invalid_ratio)
-            age = int(self.max_event_age_days)
-            now = int(self.reference_time) if self.reference_time not in (None, "", "None") else int(time.time())
-        except (TypeError, ValueError) as err:
-            raise AirflowFailException(f"invalid validation setting: {err}") from None
+        """The run's validation settings, each checked with a message naming where it comes from."""
+        ratio = setting_number(self.max_invalid_ratio, float, "max_invalid_ratio", "capi_max_invalid_ratio", "0.05")
+        age = setting_number(self.max_event_age_days, int, "max_event_age_days", "capi_max_event_age_days", "28")
+        shard_size = setting_number(self.events_per_shard, int, "events_per_shard", "capi_events_per_shard", "100000")
+        if self.reference_time in (None, "", "None"):
+            now = int(time.time())
+        else:
+            now = setting_number(self.reference_time, int, "reference_time", None, "1764633600")
         if not 0 <= ratio <= 1:
-            raise AirflowFailException("max_invalid_ratio must lie between 0 and 1")
+            raise AirflowFailException(
+                f"max_invalid_ratio (Variable capi_max_invalid_ratio) must lie between 0 and 1, e.g. 0.05 for 5% "
+                f"(got {ratio:g})"
+            )
         if age < 1:
-            raise AirflowFailException("max_event_age_days must be at least 1")
+            raise AirflowFailException("max_event_age_days (Variable capi_max_event_age_days) must be at least 1")
+        if shard_size < 1:
+            raise AirflowFailException("events_per_shard (Variable capi_events_per_shard) must be at least 1")
         custom = str(self.allow_custom_events).strip().lower() in {"1", "true", "yes", "on"}
         return ratio, age, custom, now
 
     def execute(self, context: Any) -> list[int]:
+        from liveramp_capi.domain.statedb import StateDatabaseUnavailable, check_reachable
+        from liveramp_capi.hooks.state import CapiStateHook
+        from liveramp_capi.operators.partition_claim import holding_partition
+        from liveramp_capi.storage import PartitionStorage
+
+        max_ratio, max_age_days, allow_custom, now = self._settings()
+        with permanent_config_errors():
+            storage = PartitionStorage(self.landing_root, self.output_root, self.partition, context["run_id"])
+        layout = storage.layout
+        state = CapiStateHook(capi_state_conn_id=self.capi_state_conn_id)
+        try:
+            with permanent_config_errors(self.capi_state_conn_id):
+                check_reachable(state.get_engine())
+            envelope_store = state.get_envelope_store()
+        except StateDatabaseUnavailable as err:
+            raise AirflowException(f"state database unavailable, nothing validated: {err}") from None
+        with holding_partition(state, storage.partition, context) as claim:
+            shards = self._validate(storage, envelope_store, max_ratio, max_age_days, allow_custom, now)
+            # rejected.jsonl is replaced only while this run owns the partition.
+            claim.ensure_held()
+            storage.publish(layout.rejected)
+        return shards
+
+    def _validate(
+        self, storage: Any, envelope_store: Any, max_ratio: float, max_age_days: int, allow_custom: bool, now: int
+    ) -> list[int]:
         import orjson
 
         from liveramp_capi.domain.checks import DuplicateEventIds, EventTimeWindow
@@ -107,19 +140,8 @@ class ValidateConversionsOperator(BaseOperator):
         from liveramp_capi.domain.schema import EventSchemaValidator
         from liveramp_capi.domain.sessions import ShardWriter, plan_shard_count, session_grouping_key
         from liveramp_capi.domain.sources import iter_source_records
-        from liveramp_capi.domain.statedb import StateDatabaseUnavailable, check_reachable
-        from liveramp_capi.domain.validation import (
-            Accepted,
-            RecordValidator,
-            Rejected,
-            ValidationTally,
-        )
-        from liveramp_capi.hooks.state import CapiStateHook
-        from liveramp_capi.storage import PartitionStorage
+        from liveramp_capi.domain.validation import Accepted, RecordValidator, Rejected, ValidationTally
 
-        max_ratio, max_age_days, allow_custom, now = self._settings()
-        with permanent_config_errors():
-            storage = PartitionStorage(self.landing_root, self.output_root, self.partition)
         layout = storage.layout
         manifest = storage.read_json(layout.manifest)
         files = manifest["files"]
@@ -140,17 +162,11 @@ class ValidateConversionsOperator(BaseOperator):
         storage.clear(layout.shards_dir)
         # The envelope store learns every user's newest envelope from the records; upserts are
         # batched, and a rerun leaves it as one run would (the newer issued_at wins).
-        state = CapiStateHook(capi_state_conn_id=self.capi_state_conn_id)
-        try:
-            check_reachable(state.get_engine())
-            envelope_store = state.get_envelope_store()
-        except StateDatabaseUnavailable as err:
-            raise AirflowException(f"state database unavailable, envelope store not updated: {err}") from None
         envelope_records: list[EnvelopeRecord] = []
         envelopes_upserted = 0
         started = time.monotonic()
         with (
-            storage.open_output(layout.rejected) as rejected_out,
+            storage.open_output(layout.draft(layout.rejected)) as rejected_out,
             ShardWriter(shard_count, lambda i: storage.open_output(layout.shard(i))) as shards,
         ):
             for entry in files:
@@ -213,9 +229,11 @@ class ValidateConversionsOperator(BaseOperator):
             validation.get("rejected_by_code", {}),
         )
         if exceeded:
+            storage.publish(layout.rejected)
             raise AirflowFailException(
                 f"{tally.rejected} of {tally.read} records rejected ({tally.rejected_ratio:.1%}), more than "
                 f"max_invalid_ratio {max_ratio:.1%}: nothing was sent; see {layout.folder}/{layout.rejected}"
             )
         # The return value is what the send step maps over: the indices of non-empty shards.
         return validation["shards"]
+

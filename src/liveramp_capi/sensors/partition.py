@@ -9,7 +9,13 @@ from typing import Any
 from airflow.sdk import BaseSensorOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout
 
-from liveramp_capi.triggers.partition import DEFAULT_MARKER, PartitionMarkerTrigger, marker_exists, marker_url
+from liveramp_capi.triggers.partition import (
+    DEFAULT_MARKER,
+    PartitionMarkerTrigger,
+    landing_root_exists,
+    marker_exists,
+    marker_url,
+)
 
 
 class PartitionReadySensor(BaseSensorOperator):
@@ -92,9 +98,20 @@ class PartitionReadySensor(BaseSensorOperator):
         self.log.info("Partition %s %s its %s marker", self.partition, "has" if found else "lacks", self.marker)
         return found
 
+    def _check_root(self) -> None:
+        # "Not arrived yet" is worth waiting for; a landing root that does not exist is a setting
+        # to fix, and waiting hours before saying "no marker" would hide it.
+        url = self._marker_url()
+        if not marker_exists(url) and not landing_root_exists(self.landing_root.strip().rstrip("/")):
+            raise AirflowFailException(
+                f"the landing root {self.landing_root.strip()} does not exist (Variable capi_landing_root): "
+                "check it for a typo or a missing mount/bucket, then clear this task. Nothing was waited for."
+            )
+
     def execute(self, context: Any) -> None:
         wait = self._wait_seconds()
         self._apply_poll_seconds()
+        self._check_root()
         if not self.deferrable:
             self.timeout = wait
             try:
