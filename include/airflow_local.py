@@ -26,6 +26,7 @@ HOME = REPO / ".airflow"
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO / "include"))
 
+from console_demo import STANDIN_ARGS, stage_refused_partition  # noqa: E402
 from sample_partition import stage_sample_partition  # noqa: E402
 
 STANDIN_CONFIG_ID = "cfg-local"
@@ -50,6 +51,7 @@ def environment(standin_port: int, api_port: int = 8080) -> dict[str, str]:
             "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
             "AIRFLOW_HOME": str(HOME / "home"),
             "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__API__PORT": str(api_port),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
@@ -77,9 +79,11 @@ def main() -> int:
     standin_port = _free_port()
     partition = (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)).isoformat()
     stage_sample_partition(HOME / "landing", partition)
+    # The day before: a partition whose extra event the stand-in refuses (the console's failed demo).
+    stage_refused_partition(HOME / "landing", (dt.date.fromisoformat(partition) - dt.timedelta(days=1)).isoformat())
     standin = subprocess.Popen(
         [sys.executable, str(REPO / "include" / "liveramp_standin.py"), "--port", str(standin_port),
-         "--config-id", STANDIN_CONFIG_ID, "--latency-ms", "20"],
+         "--config-id", STANDIN_CONFIG_ID, "--latency-ms", "20", *STANDIN_ARGS],
         stdout=subprocess.DEVNULL,
     )
     passwords = HOME / "home" / "simple_auth_manager_passwords.json.generated"
