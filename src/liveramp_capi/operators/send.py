@@ -9,6 +9,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from liveramp_capi import metrics
 from liveramp_capi.operators.config_errors import permanent_config_errors
 
 #: How many batches are marked in flight, and how many outcomes are written, per ledger call.
@@ -231,6 +232,7 @@ class SendConversionsOperator(BaseOperator):
         counts["batches_sent"] = counts["batches"]
         counts["requests"] = int(getattr(stats, "requests", 0))
         counts["retries"] = int(getattr(stats, "retries", 0))
+        metrics.delivered(counts, stats)
 
         result = {"shard": shard, "partition": partition, **{k: int(v) for k, v in counts.items()}}
         storage.write_json(layout.result(shard), result)
