@@ -50,7 +50,7 @@
     return response.json();
   }
   function show(...nodes) {
-    root.replaceChildren(...nodes);
+    root.replaceChildren(...nodes.filter((node) => node !== null && node !== undefined && node !== false));
   }
   function failure(error) {
     return el("p", { class: "error", role: "alert" }, `Could not load: ${error.message}`);
@@ -240,7 +240,9 @@
     try {
       const h = await api("envelopes");
       const lifetimes = h.lifetimes_days;
-      const buckets = [...new Set(h.histogram.map((b) => b.age_from_days))].sort((a, b) => a - b);
+      const lastBucket = Math.max(0, ...h.histogram.map((b) => b.age_from_days));
+      const buckets = [];
+      for (let from = 0; from <= lastBucket; from += 5) buckets.push(from);
       const cell = (lifetime, from) => (h.histogram.find((b) => b.lifetime_days === lifetime && b.age_from_days === from) || {}).envelopes || 0;
       const maxCell = Math.max(1, ...h.histogram.map((b) => b.envelopes));
       const bars = buckets.map((from) => el("tr", {},
@@ -248,7 +250,7 @@
         lifetimes.map((lifetime) => {
           const n = cell(lifetime, from);
           const over = from >= lifetime;
-          return el("td", {}, el("div", { class: `hbar ${over ? "over" : ""}`, style: `width:${Math.round((n / maxCell) * 100)}%` }), num(n));
+          return el("td", {}, el("div", { class: `hbar ${over ? "over" : ""}`, style: `width:${Math.round((n / maxCell) * 80)}%` }), num(n));
         })));
       const last = h.last_refresh, lastRun = h.last_refresh_run;
       show(nav("envelopes"), el("h1", {}, "Envelope health"),
