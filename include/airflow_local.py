@@ -80,7 +80,8 @@ def main() -> int:
     partition = (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)).isoformat()
     stage_sample_partition(HOME / "landing", partition)
     # The day before: a partition whose extra event the stand-in refuses (the console's failed demo).
-    stage_refused_partition(HOME / "landing", (dt.date.fromisoformat(partition) - dt.timedelta(days=1)).isoformat())
+    refused = (dt.date.fromisoformat(partition) - dt.timedelta(days=1)).isoformat()
+    stage_refused_partition(HOME / "landing", refused)
     standin = subprocess.Popen(
         [sys.executable, str(REPO / "include" / "liveramp_standin.py"), "--port", str(standin_port),
          "--config-id", STANDIN_CONFIG_ID, "--latency-ms", "20", *STANDIN_ARGS],
@@ -98,6 +99,7 @@ def main() -> int:
                 f"  password: generated on first start, in {passwords.relative_to(REPO)}",
                 f"  then:     unpause tiktok_conversions and trigger it with partition = {partition};",
                 f"            results land in {HOME.relative_to(REPO)}/output/dt={partition}/summary.json",
+                f"  console:  menu Conversions; a failed partition to see there: trigger {refused} (one batch refused)",
                 "  stop:     Ctrl-C",
             ]
         ),

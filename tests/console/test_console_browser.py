@@ -29,6 +29,8 @@ ARTIFACTS = Path(os.environ.get("CAPI_TEST_ARTIFACTS", REPO / ".artifacts" / "co
 PASSWORD = "console-test-pw"  # a throwaway user of a throwaway api-server
 
 if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+    if os.environ.get("CAPI_REQUIRE_BROWSER"):
+        raise RuntimeError("CAPI_REQUIRE_BROWSER is set but chromium / chromedriver are missing: run `make browser`")
     pytest.skip("Debian's chromium and chromium-driver are not installed (make browser)", allow_module_level=True)
 
 
