@@ -17,6 +17,7 @@ ROUTES = [
     "conversions",
     "run?dag_id=tiktok_conversions&run_id=x",
     "envelopes",
+    "task?dag_id=tiktok_conversions&run_id=x&task_id=send&map_index=0",
     "static/console.js",
     "static/console.css",
     "static/icon.svg",
@@ -24,6 +25,7 @@ ROUTES = [
     "api/partitions/2026-01-01",
     "api/daily?days=30",
     "api/runs/x",
+    "api/task?run_id=x&task_id=send&map_index=0",
     "api/envelopes",
 ]
 
@@ -34,7 +36,7 @@ ANONYMOUS = object()
 def _get(client, path, role="viewer", **params):
     """GET as a user with ``role`` (None: a user without any role; ANONYMOUS: no credential)."""
     headers = {} if role is ANONYMOUS else {"Authorization": f"Bearer {token_for(role)}"}
-    return client.get(f"/capi-console/{path}", headers=headers, params=params, follow_redirects=False)
+    return client.get(f"/capi-console/{path}", headers=headers, params=params or None, follow_redirects=False)
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -123,6 +125,31 @@ def test_run_tab_describes_that_run(api_client, console_world):
     assert _get(api_client, "api/runs/no-such-run").status_code == 404
 
 
+def test_task_tab_of_the_failed_send_task_shows_its_shard(api_client, console_world):
+    run_id = console_world.summary(console_world.refused)["run_id"]
+    detail = _get(api_client, f"api/partitions/{console_world.refused}").json()
+    [send] = detail["rerun"]["clear_tasks"]
+    task = _get(api_client, "api/task", run_id=run_id, task_id="send", map_index=send["map_index"]).json()
+    assert task["task"]["state"] == "failed"
+    validation = json.loads(
+        (console_world.root / "output" / f"dt={console_world.refused}" / "_work" / "validation.json").read_text()
+    )
+    shard = validation["shards"][send["map_index"]]
+    result = json.loads(
+        (console_world.root / "output" / f"dt={console_world.refused}" / "_work" / "results" / f"shard-{shard:05d}.json")
+        .read_text()
+    )
+    assert task["shard_result"]["shard"] == shard
+    assert task["shard_result"]["shard_count"] == validation["shard_count"]
+    for key in ("events", "delivered_events", "failed_events", "failed_batches", "requests"):
+        assert task["shard_result"][key] == result[key]
+    assert task["shard_failed_batches"]["total"] == result["failed_batches"] == 1
+    assert task["shard_failed_batches"]["batches"] == detail["failed_batches"]["batches"]
+    other = _get(api_client, "api/task", run_id=run_id, task_id="report", map_index=-1).json()
+    assert "shard_result" not in other and other["task"]["task_id"] == "report"
+    assert _get(api_client, "api/task", run_id="nope", task_id="send").status_code == 404
+
+
 def test_paging_is_newest_first_without_overlap(api_client, console_world, tmp_path, monkeypatch):
     output = tmp_path / "output"
     made = []
@@ -198,6 +225,7 @@ def test_no_answer_holds_an_identifier_envelope_ip_or_consent_string(api_client,
             f"api/partitions/{console_world.refused}",
             f"api/partitions/{console_world.delivered}",
             f"api/runs/{summary['run_id']}",
+            f"api/task?run_id={summary['run_id']}&task_id=send&map_index=0",
             "api/envelopes",
             "api/daily?days=30",
         )

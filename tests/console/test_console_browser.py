@@ -124,7 +124,7 @@ def _into_console_frame(driver) -> None:
     driver.switch_to.frame(frame)
 
 
-def _click_tab(label: str):
+def _click_tab(label: str, frame: str = "capi-console/run"):
     """A wait condition that clicks the run page's tab named ``label`` (the UI re-renders while loading)."""
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
@@ -135,7 +135,7 @@ def _click_tab(label: str):
             if not tabs:
                 return False
             tabs[-1].click()
-            return bool(driver.find_elements(By.CSS_SELECTOR, "iframe[src*='capi-console/run']"))
+            return bool(driver.find_elements(By.CSS_SELECTOR, f"iframe[src*='{frame}']"))
         except StaleElementReferenceException:
             return False
 
@@ -188,6 +188,15 @@ def test_console_pages_in_chromium(api_server, browser, console_world):
     card = _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "[data-metric=delivered] .value"))[0]
     assert card.text == str(delivered)
     _shot(driver, "run-tab")
+
+    # The tab on the failed send task's page: its shard and its failed batch.
+    failed_run = console_world.summary(console_world.refused)["run_id"]
+    driver.get(f"{api_server}/dags/tiktok_conversions/runs/{failed_run}/tasks/send/mapped/0")
+    _wait(driver, _click_tab("Conversions", "capi-console/task"))
+    _into_console_frame(driver)
+    shard = _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "[data-testid=shard] [data-metric='failed events'] .value"))[0]
+    assert shard.text == "1"
+    _shot(driver, "task-tab")
 
     driver.get(f"{api_server}/plugin/conversions-envelopes")
     _into_console_frame(driver)

@@ -22,13 +22,12 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy.engine import Engine
 
 from liveramp_capi.console import reads, runs
-from liveramp_capi.console.partitions import daily_series, partition_detail, partition_rows
+from liveramp_capi.console.partitions import daily_series, partition_detail, partition_rows, task_detail
 from liveramp_capi.console.plugin import URL_PREFIX
 from liveramp_capi.console.summaries import OutputRoot
 from liveramp_capi.domain.partition import InvalidPartition, parse_partition
 
 STATE_CONN_ID = "capi_state_default"
-VIEWS = ("conversions", "run", "envelopes")
 _STATIC = {"console.js": "text/javascript", "console.css": "text/css", "icon.svg": "image/svg+xml"}
 
 _read_runs = Depends(requires_access_dag("GET", DagAccessEntity.RUN, param_dag_id=runs.CONVERSIONS_DAG_ID))
@@ -114,6 +113,10 @@ def create_app() -> FastAPI:
     def run_page() -> HTMLResponse:
         return _page("run")
 
+    @app.get("/task", response_class=HTMLResponse)
+    def task_page() -> HTMLResponse:
+        return _page("task")
+
     @app.get("/envelopes", response_class=HTMLResponse, dependencies=[_read_refresh_runs])
     def envelopes_page() -> HTMLResponse:
         return _page("envelopes")
@@ -160,6 +163,15 @@ def create_app() -> FastAPI:
                     detail = partition_detail(session, output_root(), state_engine(), info.partition, run_id=run_id)
                     return detail or {"partition": info.partition}
         raise HTTPException(status_code=404, detail=f"no run of {runs.CONVERSIONS_DAG_ID} with this id")
+
+    @app.get("/api/task")
+    def task(
+        session: SessionDep, run_id: str, task_id: str, map_index: Annotated[int, Query(ge=-1)] = -1
+    ) -> dict[str, Any]:
+        found = task_detail(session, output_root(), state_engine(), run_id, task_id, map_index)
+        if found is None:
+            raise HTTPException(status_code=404, detail=f"no run of {runs.CONVERSIONS_DAG_ID} with this id")
+        return found
 
     @app.get("/api/envelopes", dependencies=[_read_refresh_runs])
     def envelopes(session: SessionDep) -> dict[str, Any]:

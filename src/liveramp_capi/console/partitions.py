@@ -188,3 +188,27 @@ def daily_series(session: Session, output: OutputRoot, *, days: int, today: dt.d
             }
         )
     return {"days": days, "series": series}
+
+
+def task_detail(
+    session: Session, output: OutputRoot, engine: Engine, run_id: str, task_id: str, map_index: int
+) -> dict[str, Any] | None:
+    """A task instance's view: its run's partition, and for a ``send`` task its shard's counters,
+    its failed batches and how to rerun just it."""
+    run = next((r for rs in runs.conversions_runs(session).values() for r in rs if r.run_id == run_id), None)
+    if run is None:
+        return None
+    detail = partition_detail(session, output, engine, run.partition, run_id=run_id) or {"partition": run.partition}
+    task = next(
+        (t for t in runs.task_states(session, run_id) if t["task_id"] == task_id and t["map_index"] == map_index),
+        None,
+    )
+    detail["task"] = task
+    if task_id == runs.SEND_TASK_ID and map_index >= 0:
+        result = output.shard_result(run.partition, map_index)
+        detail["shard_result"] = result
+        if result and isinstance(result.get("shard_count"), int) and result["shard_count"] > 0:
+            detail["shard_failed_batches"] = reads.failed_batches(
+                engine, run.partition, shard=(result["shard"], result["shard_count"])
+            )
+    return detail

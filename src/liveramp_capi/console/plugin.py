@@ -3,7 +3,8 @@
 The views are external views (iframes of the console's own pages, served by its FastAPI app
 from the same origin, so the UI's login cookie authenticates them): a **Conversions** page in
 the navigation, **Envelope health** under it, and a **Conversions** tab on every DAG run page
-(for runs of other DAGs it says so). ``{DAG_ID}`` and ``{RUN_ID}`` are filled in by the UI.
+and task instance page (for other DAGs it says so). ``{DAG_ID}``, ``{RUN_ID}``, ``{TASK_ID}``
+and ``{MAP_INDEX}`` are filled in by the UI.
 """
 
 from __future__ import annotations
@@ -60,5 +61,11 @@ def external_views() -> list[dict[str, Any]]:
             "href": f"{URL_PREFIX}/run?dag_id={{DAG_ID}}&run_id={{RUN_ID}}",
             "url_route": "conversions-run",
             "destination": "dag_run",
+        },
+        {
+            "name": "Conversions",
+            "href": f"{URL_PREFIX}/task?dag_id={{DAG_ID}}&run_id={{RUN_ID}}&task_id={{TASK_ID}}&map_index={{MAP_INDEX}}",
+            "url_route": "conversions-task",
+            "destination": "task_instance",
         },
     ]

@@ -61,18 +61,28 @@ def ledger_counts(engine: Engine, partitions: Iterable[str]) -> dict[str, dict[s
     return found
 
 
-def failed_batches(engine: Engine, partition: str, *, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+def failed_batches(
+    engine: Engine,
+    partition: str,
+    *,
+    limit: int = 50,
+    offset: int = 0,
+    shard: tuple[int, int] | None = None,
+) -> dict[str, Any]:
     """The partition's batches that failed for good: batch id, size, status, error; never event ids.
 
     :param engine: the state database.
     :param partition: the partition.
     :param limit: rows per page.
     :param offset: rows to skip.
+    :param shard: ``(shard, shard_count)`` to keep one send task's batches only.
     """
     if not _has_table(engine, ledger_table):
         return {"total": 0, "batches": []}
     table = ledger_table
     where = sa.and_(table.c.partition == partition, table.c.state == "failed")
+    if shard is not None:
+        where = sa.and_(where, (table.c.session_key_hash % shard[1]) == shard[0])
     query = (
         sa.select(
             table.c.batch_id, table.c.event_count, table.c.http_status, table.c.error,

@@ -77,6 +77,21 @@ class OutputRoot:
         path = self.root / PartitionLayout(partition).folder / PartitionLayout.summary
         return _read_json(path)
 
+    def shard_result(self, partition: str, map_index: int) -> dict[str, Any] | None:
+        """The counters of the ``send`` task with ``map_index`` (redacted), with its shard number.
+
+        ``send`` is mapped over the validation's non-empty shards, so map index ``i`` sends
+        shard ``shards[i]``. None when the hand-over files are gone (purged) or not written yet.
+        """
+        layout = PartitionLayout(partition)
+        validation = _read_json(self.root / layout.folder / layout.validation)
+        shards = (validation or {}).get("shards")
+        if not isinstance(shards, list) or not 0 <= map_index < len(shards):
+            return None
+        shard = int(shards[map_index])
+        result = _read_json(self.root / layout.folder / layout.result(shard)) or {}
+        return {**result, "shard": shard, "shard_count": validation.get("shard_count")}
+
     def latest_refresh_summary(self) -> dict[str, Any] | None:
         """The newest envelope refresh run's ``summary.json`` (redacted), or None."""
         folder = self.root / "envelope_refresh"

@@ -220,19 +220,52 @@
     await Promise.all([loadChart(), loadPage()]);
   }
 
-  async function run() {
-    const params = new URLSearchParams(location.search);
-    const dagId = params.get("dag_id"), runId = params.get("run_id");
+  function otherDag(dagId) {
     if (dagId && dagId !== DAG_ID) {
       show(el("p", { class: "muted" }, `This tab describes runs of ${DAG_ID}; ${dagId} is another DAG.`));
-      return;
+      return true;
     }
+    return false;
+  }
+
+  function partitionBlock(detail) {
+    return [
+      el("h1", {}, `Partition ${detail.partition} `, badge(detail.state)),
+      detail.summary_is_from_this_run === false && detail.counts && Object.keys(detail.counts).length ? el("p", { class: "muted" }, `The partition's summary was written by run ${detail.summary_run_id || "another run"}.`) : null,
+      detail.counts ? detailBlock(detail) : el("p", { class: "muted" }, "No summary yet for this run."),
+    ];
+  }
+
+  async function run() {
+    const params = new URLSearchParams(location.search);
+    const runId = params.get("run_id");
+    if (otherDag(params.get("dag_id"))) return;
     if (!runId) { show(el("p", { class: "error" }, "No run given.")); return; }
     try {
-      const detail = await api(`runs/${encodeURIComponent(runId)}`);
-      show(el("h1", {}, `Partition ${detail.partition} `, badge(detail.state)),
-        detail.summary_is_from_this_run === false && detail.counts && Object.keys(detail.counts).length ? el("p", { class: "muted" }, `The partition's summary was written by run ${detail.summary_run_id || "another run"}.`) : null,
-        detail.counts ? detailBlock(detail) : el("p", { class: "muted" }, "No summary yet for this run."));
+      show(...partitionBlock(await api(`runs/${encodeURIComponent(runId)}`)));
+    } catch (e) { show(failure(e)); }
+  }
+
+  function shardBlock(detail) {
+    const task = detail.task || {}, result = detail.shard_result;
+    const failed = detail.shard_failed_batches || { total: 0, batches: [] };
+    const skip = new Set(["shard", "shard_count", "partition"]);
+    const numbers = Object.entries(result || {}).filter(([k, v]) => typeof v === "number" && !skip.has(k));
+    return el("section", { class: "shard", "data-testid": "shard" },
+      el("h1", {}, `send [${task.map_index}]`, result ? ` · shard ${result.shard} of ${result.shard_count}` : "", " ", badge(task.state)),
+      result ? el("div", { class: "cards" }, numbers.map(([k, v]) => card(k.replaceAll("_", " "), num(v), null, k.startsWith("failed") && v ? "bad" : ""))) : el("p", { class: "muted" }, "This task's counters are not on storage (not reported yet, or purged)."),
+      failed.total ? el("div", {}, el("h3", {}, `Failed batches of this shard (${num(failed.total)})`),
+        table(["batch", "events", "HTTP status", "attempts", "error"], failed.batches.map((b) => el("tr", {}, el("td", { class: "mono" }, b.batch_id), el("td", {}, num(b.events)), el("td", {}, b.http_status ?? "–"), el("td", {}, num(b.attempts)), el("td", {}, b.error || "–"))))) : null,
+      task.state === "failed" && detail.rerun ? el("p", {}, "Rerun just this shard: ", uiLink(task.url, "open this task"), ", press Clear (keep Downstream, so report runs again). Or: ", el("code", {}, detail.rerun.cli)) : null);
+  }
+
+  async function task() {
+    const params = new URLSearchParams(location.search);
+    if (otherDag(params.get("dag_id"))) return;
+    const query = new URLSearchParams({ run_id: params.get("run_id") || "", task_id: params.get("task_id") || "", map_index: params.get("map_index") || "-1" });
+    try {
+      const detail = await api(`task?${query}`);
+      show(detail.shard_result !== undefined ? shardBlock(detail) : null, ...partitionBlock(detail));
     } catch (e) { show(failure(e)); }
   }
 
@@ -271,5 +304,5 @@
     } catch (e) { show(nav("envelopes"), failure(e)); }
   }
 
-  ({ conversions, run, envelopes }[view] || conversions)();
+  ({ conversions, run, task, envelopes }[view] || conversions)();
 })();
