@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -20,6 +18,9 @@ from pathlib import Path
 
 import pytest
 from airflow_env import REPO
+
+sys.path.insert(0, str(REPO / "tests" / "deployment"))
+from distributed import Component, free_port, wait_for
 
 pytestmark = pytest.mark.airflow
 
@@ -34,10 +35,12 @@ if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
     pytest.skip("Debian's chromium and chromium-driver are not installed (make browser)", allow_module_level=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/api/v2/monitor/health", timeout=2):
+            return True
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 @pytest.fixture(scope="module")
@@ -45,41 +48,31 @@ def api_server(console_world, tmp_path_factory) -> Iterator[str]:
     home = Path(os.environ["AIRFLOW_HOME"])
     passwords = tmp_path_factory.mktemp("auth") / "passwords.json"
     passwords.write_text(json.dumps({"admin": PASSWORD}))
-    port = _free_port()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
     env = {
         **os.environ,
         **console_world.env,
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+        "AIRFLOW__API__BASE_URL": url,
     }
-    log = (home / "api-server-console.log").open("wb")
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "airflow"), "api-server", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+    log_path = home / "api-server-console.log"
+    with log_path.open("wb") as log:
+        server = Component(
+            "api-server",
+            subprocess.Popen(
+                [str(Path(sys.executable).parent / "airflow"), "api-server", "--host", "127.0.0.1", "--port", str(port)],
+                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            ),
+            log_path,
+        )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/api/v2/monitor/health", timeout=2):
-                    break
-            except (urllib.error.URLError, OSError):
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        "api-server did not start: " + (home / "api-server-console.log").read_text()[-3000:]
-                    ) from None
-                time.sleep(0.5)
+        wait_for("the api-server", lambda: _healthy(url), timeout=120, interval=0.5, diagnose=server.log_tail,
+                 abort=lambda: None if server.alive() else "it exited")
         yield url
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
+        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,8 @@ def _counts(summary: dict[str, Any] | None) -> dict[str, Any]:
         "duplicates": "duplicates",
         "delivered": "delivered_events",
         "delivered_this_run": "delivered_this_run_events",
+        "delivered_earlier_tries": "delivered_earlier_tries_events",
+        "delivered_earlier_runs": "previously_delivered_events",
         "failed": "failed_events",
         "failed_batches": "failed_batches",
         "skipped_envelope_expired": "envelope_expired_events",
