@@ -179,6 +179,29 @@ def test_paging_is_newest_first_without_overlap(api_client, console_world, tmp_p
     assert _get(api_client, "api/partitions", limit=201).status_code == 422
 
 
+def test_newer_summary_fields_are_shown_and_text_is_redacted(api_client, console_world, tmp_path, monkeypatch):
+    folder = tmp_path / "output" / "dt=2019-06-01"
+    folder.mkdir(parents=True)
+    folder.joinpath("summary.json").write_text(json.dumps({
+        "partition": "2019-06-01", "status": "not_processed", "read": 10, "delivered_this_run_events": 4,
+        "delivered_earlier_tries_events": 2, "not_sent_events": 3, "envelope_expired_events": 1,
+        "tries": [{"try_number": 1, "delivered_events": 2, "state": "failed"}, {"try_number": 2, "delivered_events": 4}],
+        "unfinished_tasks": [{"task_id": "send", "map_index": 3, "state": "failed"}],
+        "ignored_files": ["crm-export-of-jane@example.com.txt"], "note": "AgNTagi_Y2T6eSlK9l3X7uJ11ib8QP2RXvpd2id5",
+    }))
+    monkeypatch.setenv("AIRFLOW_VAR_CAPI_OUTPUT_ROOT", f"file://{tmp_path / 'output'}")
+    response = _get(api_client, "api/partitions/2019-06-01")
+    detail = response.json()
+    assert detail["state"] == "failed"
+    assert detail["counts"]["delivered_this_run"] == 4 and detail["counts"]["delivered_earlier_tries"] == 2
+    assert detail["counts"]["skipped"] == 3 + 1
+    assert detail["tries"] == [
+        {"try_number": 1, "delivered_events": 2, "state": "failed"}, {"try_number": 2, "delivered_events": 4}
+    ]
+    assert detail["unfinished_tasks"] == [{"task_id": "send", "map_index": 3, "state": "failed"}]
+    assert "jane@example.com" not in response.text and "AgNTagi" not in response.text
+
+
 def test_empty_and_unknown(api_client, console_world, tmp_path, monkeypatch):
     monkeypatch.setenv("AIRFLOW_VAR_CAPI_OUTPUT_ROOT", f"file://{tmp_path / 'nothing'}")
     monkeypatch.setenv(

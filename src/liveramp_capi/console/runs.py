@@ -166,9 +166,12 @@ def rerun_action(run: RunInfo, tasks: list[dict[str, Any]]) -> dict[str, Any]:
     manual run is rerun by triggering the same partition again. Either way the ledger sends only
     what was not acknowledged.
     """
+    # The failed send shards when there are (clearing them with downstream reruns the report);
+    # otherwise the tasks that failed themselves, not those that only failed upstream.
     failed = [task for task in tasks if task["state"] in _FAILED_STATES]
-    send_failed = [task for task in failed if task["task_id"] == SEND_TASK_ID]
-    to_clear = send_failed or [task for task in failed if task["state"] == "failed"] or failed
+    failed_itself = [task for task in failed if task["state"] == "failed"]
+    send_failed = [task for task in failed_itself if task["task_id"] == SEND_TASK_ID]
+    to_clear = send_failed or failed_itself or failed
     if run.partition_key:
         cli = (
             f"airflow dags clear {CONVERSIONS_DAG_ID} --partition-key {shlex.quote(run.partition_key)} "
