@@ -69,7 +69,7 @@
 
   // ---- chart: bars (delivered), line (rejection rate), second panel (send duration) ----
   function chart(series) {
-    const width = 900, height = 190, pad = 44, n = series.length;
+    const width = Math.max(600, Math.floor(root.clientWidth - 4)), height = 190, pad = 44, n = series.length;
     const step = (width - 2 * pad) / Math.max(n, 1);
     const maxDelivered = Math.max(1, ...series.map((d) => d.delivered || 0));
     const maxRate = Math.max(0.05, ...series.map((d) => d.rejection_rate || 0));
