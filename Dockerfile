@@ -22,6 +22,7 @@ RUN pip install --no-cache-dir --no-deps /opt/capi
 
 # DAGs, the event schema, the sample partition and the local stand-in of LiveRamp.
 COPY --chown=airflow:0 dags /opt/airflow/dags
+COPY --chown=airflow:0 plugins /opt/airflow/plugins
 COPY --chown=airflow:0 include /opt/airflow/include
 ENV CAPI_SCHEMA_PATH=/opt/airflow/include/schemas/tiktok_event.schema.json \
     PYTHONPATH=/opt/airflow/include

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint unit bench airflow deployment-test constraints clean
+.PHONY: install demo test lint unit bench airflow deployment-test constraints clean browser
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,13 @@ unit: $(STAMP)
 	$(BIN)/pytest -q
 
 test: lint unit
+
+# Debian's headless Chromium and its chromedriver for the console's browser test
+# (tests/console/test_console_browser.py; skipped without them). Never downloads a browser
+# otherwise: apt only, and only when missing.
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 
 demo: $(STAMP)
 	$(BIN)/python include/demo.py

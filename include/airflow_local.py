@@ -32,6 +32,7 @@ HOME = REPO / ".airflow"
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO / "include"))
 
+from console_demo import STANDIN_ARGS, stage_refused_partition  # noqa: E402
 from sample_partition import stage_sample_partition  # noqa: E402
 
 STANDIN_CONFIG_ID = "cfg-local"
@@ -107,6 +108,7 @@ def environment(api_port: int = 8080) -> dict[str, str]:
             "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
             "AIRFLOW_HOME": str(HOME / "home"),
             "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{HOME / 'home' / 'airflow.db'}",
             "AIRFLOW__API__PORT": str(api_port),
@@ -167,9 +169,12 @@ def main() -> int:
     standin_port = _standin_port()
     partition = (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)).isoformat()
     stage_sample_partition(HOME / "landing", partition)
+    # The day before: a partition whose extra event the stand-in refuses (the console's failed demo).
+    refused = (dt.date.fromisoformat(partition) - dt.timedelta(days=1)).isoformat()
+    stage_refused_partition(HOME / "landing", refused)
     standin = subprocess.Popen(
         [sys.executable, str(REPO / "include" / "liveramp_standin.py"), "--port", str(standin_port),
-         "--config-id", STANDIN_CONFIG_ID, "--latency-ms", "20"],
+         "--config-id", STANDIN_CONFIG_ID, "--latency-ms", "20", *STANDIN_ARGS],
         stdout=subprocess.DEVNULL,
     )
     passwords = HOME / "home" / "simple_auth_manager_passwords.json.generated"
@@ -184,6 +189,7 @@ def main() -> int:
                 f"  password: generated on first start, in {passwords.relative_to(REPO)}",
                 f"  then:     unpause tiktok_conversions and trigger it with partition = {partition};",
                 f"            results land in {HOME.relative_to(REPO)}/output/dt={partition}/summary.json",
+                f"  console:  menu Conversions; a failed partition to see there: trigger {refused} (one batch refused)",
                 "  stop:     Ctrl-C",
             ]
         ),

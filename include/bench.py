@@ -620,6 +620,10 @@ def main(argv: list[str] | None = None) -> int:
         rows += end_to_end_rows(big, small)
         details = {"end_to_end": big, "end_to_end_small": small}
 
+    print("5/5 console reads (a year of partitions) ...", flush=True)
+    from bench_console import bench_rows
+
+    rows += [Row(**row) for row in bench_rows(args.workdir / "console", quick=args.quick)]
     print()
     print_table(rows)
     if args.json:

@@ -16,6 +16,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from liveramp_capi import metrics
 from liveramp_capi.operators.config_errors import permanent_config_errors
 
 #: Outcomes written to the store per call.
@@ -137,6 +138,7 @@ class PlanEnvelopeRefreshOperator(BaseOperator):
         as_of = int(time.time())
         horizon_seconds = int(horizon_days * DAY_SECONDS)
         newly_expired = store.mark_expired(now=as_of)
+        metrics.envelopes_expired(newly_expired)
         due = store.count_due(now=as_of, horizon_seconds=horizon_seconds)
         if requested:
             slices = requested
@@ -272,6 +274,7 @@ class RefreshEnvelopesOperator(BaseOperator):
         finally:
             # Whatever happened, what was learnt reaches the store.
             flush()
+        metrics.envelopes_refreshed(stats)
         result = {
             "slice": index,
             "slices": slices,

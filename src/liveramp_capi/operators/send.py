@@ -9,6 +9,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from liveramp_capi import metrics
 from liveramp_capi.operators.config_errors import permanent_config_errors
 
 #: How many batches are marked in flight, and how many outcomes are written, per ledger call.
@@ -282,6 +283,7 @@ class SendConversionsOperator(BaseOperator):
         counts["requests"] = int(getattr(stats, "requests", 0))
         counts["retries"] = int(getattr(stats, "retries", 0))
         counts["delivered_this_run_events"] = counts["delivered_events"] + counts["delivered_earlier_tries_events"]
+        metrics.delivered(counts, stats)
 
         this_try = {
             "try": int(context["ti"].try_number),

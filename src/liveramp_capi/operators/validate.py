@@ -9,6 +9,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from liveramp_capi import metrics
 from liveramp_capi.operators.config_errors import permanent_config_errors, setting_number
 
 #: Rough bytes of one event on disk, uncompressed, and the compression ratio of gzip on JSONL;
@@ -217,6 +218,7 @@ class ValidateConversionsOperator(BaseOperator):
             "envelope_store_upserts": envelopes_upserted,
         }
         storage.write_json(layout.validation, validation)
+        metrics.validated(validation)
         self.log.info(
             "Partition %s: read %d, valid %d, rejected %d, duplicates %d in %.1f s (%d shards); rejected by reason: %s",
             storage.partition,
