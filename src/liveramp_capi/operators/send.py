@@ -73,7 +73,7 @@ class SendConversionsOperator(BaseOperator):
         from sqlalchemy.exc import SQLAlchemyError
 
         from liveramp_capi.domain.batches import Batch
-        from liveramp_capi.domain.envelopes import cut_resolved_batches, resolve_session
+        from liveramp_capi.domain.send_plan import expired_line, plan_session
         from liveramp_capi.domain.sessions import read_shard, sessionise
         from liveramp_capi.domain.statedb import StateDatabaseUnavailable, _scrub, check_reachable, describe
         from liveramp_capi.hooks.capi import LiveRampCapiHook
@@ -92,6 +92,7 @@ class SendConversionsOperator(BaseOperator):
             check_reachable(state.get_engine())
             ledger = state.get_ledger()
             envelope_store = state.get_envelope_store()
+            held = state.get_held_conversions()
         except StateDatabaseUnavailable as err:
             raise AirflowException(f"state database unavailable, nothing sent: {err}") from None
         except SQLAlchemyError as err:
@@ -133,6 +134,10 @@ class SendConversionsOperator(BaseOperator):
             {entry.user_key for session in sessions for entry in session.entries if entry.user_key}, now=now
         )
         expired_lines: list[bytes] = []
+        # Events held by an earlier run belong to the held table (recovery delivers them);
+        # events held now are recorded there before any batch of their session is sent.
+        held_index = held.shard_index(partition, shard, shard_count)
+        pending_holds: list[Any] = []
 
         counts: Counter[str] = Counter(
             sessions=len(sessions), unknown_outcome_batches=len(unknown_outcome)
@@ -146,43 +151,31 @@ class SendConversionsOperator(BaseOperator):
             group: list[Batch] = []
             for session in sessions:
                 counts["events"] += len(session.entries)
-                resolved = resolve_session(session, stored, now)
-                counts["envelope_replaced_events"] += resolved.replaced
-                for entry in resolved.expired:
-                    counts["envelope_expired_events"] += 1
-                    expired_lines.append(
-                        b"".join(
-                            (
-                                orjson.dumps(
-                                    {
-                                        "partition": partition,
-                                        "shard": shard,
-                                        "event_id": entry.event_id,
-                                        "code": "envelope_expired",
-                                        "reason": "envelope expired",
-                                        "envelope_expires_at": entry.envelope_expires_at,
-                                    }
-                                )[:-1],
-                                b',"record":',
-                                entry.event_json,
-                                b"}",
-                            )
-                        )
-                    )
-                # Batch ids come from the events as spilled, so a store refreshed between two
-                # runs does not change them (the ledger still recognises what was acknowledged).
-                for batch in cut_resolved_batches(resolved, partition=partition, max_events=max_events):
-                    if batch.batch_id in acknowledged:
-                        counts["previously_delivered_events"] += batch.event_count
-                        continue
+                plan = plan_session(session, stored, now, partition=partition, max_events=max_events,
+                                    acknowledged=acknowledged, held=held_index)
+                counts["envelope_replaced_events"] += plan.replaced
+                counts["previously_delivered_events"] += plan.previously_delivered
+                counts["envelope_expired_events"] += len(plan.hold) + len(plan.held_earlier)
+                counts["envelope_held_earlier_events"] += len(plan.held_earlier)
+                pending_holds.extend(plan.hold)
+                expired_lines.extend(expired_line(partition, shard, entry, "held") for entry in plan.hold)
+                expired_lines.extend(expired_line(partition, shard, entry, *fate) for entry, fate in plan.held_earlier)
+                for batch in plan.batches:
                     group.append(batch)
                     if len(group) >= _LEDGER_GROUP:
                         yield from _in_flight(group)
                         group = []
             if group:
                 yield from _in_flight(group)
+            flush_holds()
+
+        def flush_holds() -> None:
+            if pending_holds:
+                held.hold(partition, pending_holds, now=now)
+                pending_holds.clear()
 
         def _in_flight(group: list[Batch]) -> Iterator[Batch]:
+            flush_holds()
             ledger.mark_in_flight(partition, group, run_id)
             counts["batches"] += len(group)
             yield from group
