@@ -30,6 +30,7 @@ import os
 from airflow.sdk import DAG
 
 from liveramp_capi.notifiers import default_failure_notifier
+from liveramp_capi.operators.recover import RecoverHeldConversionsOperator
 from liveramp_capi.operators.refresh import (
     PlanEnvelopeRefreshOperator,
     RefreshEnvelopesOperator,
@@ -73,6 +74,14 @@ with DAG(
         output_root=OUTPUT_ROOT,
         map_index_template="slice {{ task.slice_index }}",
     ).expand_kwargs(plan.output)
+    recover_held = RecoverHeldConversionsOperator(
+        task_id="recover_held",
+        output_root=OUTPUT_ROOT,
+        result_folder="envelope_refresh/" + RUN_DATE,
+        max_event_age_days="{{ var.value.get('capi_max_event_age_days', '28') }}",
+        # Refreshed or not, envelopes that arrived with the latest partitions can win events back.
+        trigger_rule="all_done",
+    )
     report = ReportEnvelopeRefreshOperator(
         task_id="report",
         run_date=RUN_DATE,
@@ -80,4 +89,4 @@ with DAG(
         max_failure_ratio="{{ var.value.get('capi_envelope_refresh_max_failure_ratio', '0.1') }}",
     )
 
-    plan >> refresh >> report
+    plan >> refresh >> recover_held >> report

@@ -39,6 +39,7 @@ from liveramp_capi.domain.statedb import upsert_insert
 __all__ = [
     "DELIVERING",
     "HELD",
+    "HELD_RECOVERY_FILE",
     "LOST",
     "REASON_NO_USER_KEY",
     "REASON_WINDOW_PASSED",
@@ -58,6 +59,9 @@ STATES: tuple[str, ...] = (HELD, DELIVERING, RECOVERED, LOST)
 
 REASON_NO_USER_KEY = "no user key: no fresher envelope can be matched to it"
 REASON_WINDOW_PASSED = "attribution window passed before a fresh envelope arrived"
+
+#: The recovery pass's result document, in the folder of the run that made it.
+HELD_RECOVERY_FILE = "held_recovery.json"
 
 SCHEMA_COMPONENT = "held_conversions"
 SCHEMA_VERSION = 1

@@ -331,6 +331,7 @@ class ReportEnvelopeRefreshOperator(BaseOperator):
         import json
 
         from liveramp_capi.domain.envelopes import build_refresh_summary
+        from liveramp_capi.domain.held import HELD_RECOVERY_FILE
 
         max_ratio = _as_float("max_failure_ratio", self.max_failure_ratio, 0, 1)
         with permanent_config_errors():
@@ -347,6 +348,8 @@ class ReportEnvelopeRefreshOperator(BaseOperator):
         attempts = store.attempts_since(int(plan["as_of"]))
         summary = build_refresh_summary(plan, results, attempts, max_failure_ratio=max_ratio)
         summary["run_id"] = context.get("run_id")
+        if folder.exists(HELD_RECOVERY_FILE):
+            summary["held_conversions"] = folder.read_json(HELD_RECOVERY_FILE)
         folder.write_json("summary.json", summary)
         self.log.info("Envelope refresh %s summary: %s", folder.run_date, json.dumps(summary, sort_keys=True))
         if summary["status"] == "failure_ratio_exceeded":

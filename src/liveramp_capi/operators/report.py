@@ -36,6 +36,7 @@ class ReportConversionsOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         import json
 
+        from liveramp_capi.domain.held import HELD_RECOVERY_FILE
         from liveramp_capi.domain.summary import build_summary
         from liveramp_capi.storage import PartitionStorage
 
@@ -61,6 +62,9 @@ class ReportConversionsOperator(BaseOperator):
                     out.write(stream.read())
 
         summary = build_summary(storage.partition, validation, results, run_id=context.get("run_id"))
+        # Conversions of earlier partitions won back (or lost) by this run's recover_held task.
+        if storage.exists(HELD_RECOVERY_FILE):
+            summary["held_conversions"] = storage.read_json(HELD_RECOVERY_FILE)
         storage.write_json(layout.summary, summary)
         self.log.info("Partition %s summary: %s", storage.partition, json.dumps(summary, sort_keys=True))
 
