@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO / "include"))
 sys.path.insert(0, str(REPO / "tests"))
 
 from bench_data import iter_partition_lines, write_partition  # noqa: E402
+from bench_envelopes import envelope_rows  # noqa: E402
 
 SEED = 20261124
 CONFIG_ID = "cfg-bench-5a1e"
@@ -620,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += end_to_end_rows(big, small)
         details = {"end_to_end": big, "end_to_end_small": small}
 
+    rows += envelope_rows(Row, quick=args.quick)
     print()
     print_table(rows)
     if args.json:
