@@ -220,3 +220,15 @@ def test_expired_rows_are_counted_by_the_state_they_were_found_in(state_engine: 
     assert store.mark_expired_by_state(now=later) == {ACTIVE: 1, CONSENT_MISSING: 1, REFRESH_FAILED: 1}
     assert store.mark_expired_by_state(now=later) == {}
     assert store.counts_by_state() == {ACTIVE: 1, EXPIRED: 3}
+
+
+def test_refresh_summary_reports_what_was_found_expired() -> None:
+    from liveramp_capi.domain.envelopes import build_refresh_summary
+
+    plan = {"run_date": "2026-11-20", "as_of": NOW, "remaining_share": 1 / 3, "slices": 1, "due": 3,
+            "newly_expired": 5, "newly_expired_by_state": {ACTIVE: 2, CONSENT_MISSING: 3}}
+    summary = build_refresh_summary(plan, [{"slice": 0, "selected": 3, "skipped_consent": 0}],
+                                    {"refreshed": 3, "failed": 0}, max_failure_ratio=0.1)
+    assert summary["expired_when_found"] == 5
+    assert summary["expired_when_found_by_state"] == {ACTIVE: 2, CONSENT_MISSING: 3}
+    assert summary["remaining_share"] == pytest.approx(1 / 3) and summary["status"] == "complete"

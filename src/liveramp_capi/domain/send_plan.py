@@ -12,14 +12,14 @@ never sent by the send step again.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, MutableMapping
 from dataclasses import dataclass, field
 
 import orjson
 
 from liveramp_capi.domain.batches import Batch, cut_batches, request_body
 from liveramp_capi.domain.envelopes import StoredEnvelope, resolve_session
-from liveramp_capi.domain.held import HeldIndex
+from liveramp_capi.domain.held import HELD, LOST, REASON_NO_USER_KEY, HeldIndex
 from liveramp_capi.domain.sessions import Session, ShardEntry
 
 __all__ = ["SessionPlan", "expired_line", "plan_session"]
@@ -41,6 +41,24 @@ class SessionPlan:
     held_earlier: list[tuple[ShardEntry, tuple[str, str | None]]] = field(default_factory=list)
     previously_delivered: int = 0
     replaced: int = 0
+
+    def add_counts(self, counts: MutableMapping[str, int]) -> None:
+        """Add this session's figures to the send step's counters (``envelope_expired_events``
+        counts every event not sent for its envelope: held now or by an earlier run)."""
+        counts["envelope_replaced_events"] += self.replaced
+        counts["previously_delivered_events"] += self.previously_delivered
+        counts["envelope_expired_events"] += len(self.hold) + len(self.held_earlier)
+        counts["envelope_held_earlier_events"] += len(self.held_earlier)
+
+    def expired_lines(self, partition: str, shard: int) -> list[bytes]:
+        """The ``envelope_expired.jsonl`` lines of the session's held events, with their state."""
+        lines = [
+            expired_line(partition, shard, entry, HELD) if entry.user_key
+            else expired_line(partition, shard, entry, LOST, REASON_NO_USER_KEY)
+            for entry in self.hold
+        ]
+        lines.extend(expired_line(partition, shard, entry, *fate) for entry, fate in self.held_earlier)
+        return lines
 
 
 def plan_session(

@@ -73,7 +73,7 @@ class SendConversionsOperator(BaseOperator):
         from sqlalchemy.exc import SQLAlchemyError
 
         from liveramp_capi.domain.batches import Batch
-        from liveramp_capi.domain.send_plan import expired_line, plan_session
+        from liveramp_capi.domain.send_plan import plan_session
         from liveramp_capi.domain.sessions import read_shard, sessionise
         from liveramp_capi.domain.statedb import StateDatabaseUnavailable, _scrub, check_reachable, describe
         from liveramp_capi.hooks.capi import LiveRampCapiHook
@@ -153,13 +153,9 @@ class SendConversionsOperator(BaseOperator):
                 counts["events"] += len(session.entries)
                 plan = plan_session(session, stored, now, partition=partition, max_events=max_events,
                                     acknowledged=acknowledged, held=held_index)
-                counts["envelope_replaced_events"] += plan.replaced
-                counts["previously_delivered_events"] += plan.previously_delivered
-                counts["envelope_expired_events"] += len(plan.hold) + len(plan.held_earlier)
-                counts["envelope_held_earlier_events"] += len(plan.held_earlier)
+                plan.add_counts(counts)
                 pending_holds.extend(plan.hold)
-                expired_lines.extend(expired_line(partition, shard, entry, "held") for entry in plan.hold)
-                expired_lines.extend(expired_line(partition, shard, entry, *fate) for entry, fate in plan.held_earlier)
+                expired_lines.extend(plan.expired_lines(partition, shard))
                 for batch in plan.batches:
                     group.append(batch)
                     if len(group) >= _LEDGER_GROUP:
