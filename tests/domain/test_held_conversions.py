@@ -214,3 +214,18 @@ def test_forget_deletes_held_events_of_the_user(state) -> None:
     assert held.forget(["u-1", "nobody"]) == 1
     with held.engine.connect() as connection:
         assert connection.execute(held_table.select()).all().__len__() == 1
+
+
+def test_no_personal_data_is_kept_once_an_event_is_recovered_or_lost(state, standin) -> None:
+    store, held, ledger = state
+    now = int(time.time())
+    held.hold(PARTITION, [entry("back", "u-1", "E-old", now - DAY_SECONDS, now - 60),
+                          entry("nokey", None, "E-old", now - DAY_SECONDS, now - 60),
+                          entry("stale", "u-2", "E-old", now - 29 * DAY_SECONDS, now - 60),
+                          entry("waiting", "u-3", "E-old", now - DAY_SECONDS, now - 60)], now=now)
+    store.upsert([EnvelopeRecord("u-1", "E-1", now - 30, TCF)], now=now)
+    recover_held_conversions(held, ledger, send_with(standin), now=now, window_seconds=WINDOW, run_id="r1")
+    with held.engine.connect() as connection:
+        rows = {r.event_id: (r.state, r.event_json) for r in connection.execute(held_table.select())}
+    assert rows["back"] == (RECOVERED, "") and rows["nokey"] == (LOST, "") and rows["stale"] == (LOST, "")
+    assert rows["waiting"][0] == HELD and "E-old" in rows["waiting"][1]

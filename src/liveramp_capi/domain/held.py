@@ -156,10 +156,12 @@ class HeldIndex:
     """The held events of one send shard, to tell the send step which entries it no longer owns.
 
     :param states: ``{event_key: (state, reason)}`` of the shard's held rows.
+    :param event_ids: their ``event_id`` values (only entries with one of these are parsed).
     """
 
-    def __init__(self, states: dict[str, tuple[str, str | None]]) -> None:
+    def __init__(self, states: dict[str, tuple[str, str | None]], event_ids: set[str] | None = None) -> None:
         self._states = states
+        self._event_ids = event_ids
 
     def __len__(self) -> int:
         return len(self._states)
@@ -169,7 +171,7 @@ class HeldIndex:
 
         Parses the event only when the shard has held events at all.
         """
-        if not self._states:
+        if not self._states or (self._event_ids is not None and entry.event_id not in self._event_ids):
             return None
         return self._states.get(event_key(_event_type(entry), entry.event_id))
 
@@ -228,7 +230,8 @@ class HeldConversions:
                 "user_key": entry.user_key,
                 "event_time": entry.event_time,
                 "envelope_expires_at": entry.envelope_expires_at,
-                "event_json": entry.event_json.decode(),
+                # Nothing will ever send a lost event: keep no personal data for it.
+                "event_json": entry.event_json.decode() if entry.user_key else "",
                 "batch_id": batch_id_for(partition, "held:" + key, (entry.event_id,), entry.event_json),
                 "state": HELD if entry.user_key else LOST,
                 "reason": None if entry.user_key else REASON_NO_USER_KEY,
@@ -253,11 +256,12 @@ class HeldConversions:
         :param shard_count: the partition's shard count.
         """
         table = held_table
-        query = sa.select(table.c.event_key, table.c.state, table.c.reason).where(
+        query = sa.select(table.c.event_key, table.c.event_id, table.c.state, table.c.reason).where(
             table.c.partition == partition, (table.c.session_key_hash % shard_count) == shard
         )
         with self.engine.connect() as connection:
-            return HeldIndex({key: (state, reason) for key, state, reason in connection.execute(query)})
+            rows = connection.execute(query).all()
+        return HeldIndex({key: (state, reason) for key, _, state, reason in rows}, {row.event_id for row in rows})
 
     # -- recovery ---------------------------------------------------------------------------
 
@@ -276,7 +280,8 @@ class HeldConversions:
                        sa.and_(table.c.state == DELIVERING, table.c.claimed_at <= now - lease_seconds)),
                 table.c.event_time <= now - window_seconds,
             )
-            .values(state=LOST, reason=REASON_WINDOW_PASSED, updated_at=now, claim_token=None, claimed_at=None)
+            .values(state=LOST, reason=REASON_WINDOW_PASSED, updated_at=now, claim_token=None, claimed_at=None,
+                    event_json="")
         )
 
     def claim_recoverable(
@@ -355,6 +360,8 @@ class HeldConversions:
                                   "claimed_at": None}
         if state == RECOVERED:
             values.update(recovered_at=now, recovered_by=run_id)
+        if state in (RECOVERED, LOST):
+            values["event_json"] = ""  # delivered or never will be: no personal data kept
         statement = (
             sa.update(table)
             .where(table.c.partition == sa.bindparam("p"), table.c.event_key == sa.bindparam("k"),
