@@ -54,7 +54,13 @@ from liveramp_capi.domain.consent import (
 )
 from liveramp_capi.domain.ledger import ensure_component_schema, sanitize_error
 from liveramp_capi.domain.sessions import Session, ShardEntry, key_hash
-from liveramp_capi.domain.statedb import SQLITE_BEGIN_IMMEDIATE, upsert_insert
+from liveramp_capi.domain.statedb import (
+    RETRYABLE_PGCODES,
+    SQLITE_BEGIN_IMMEDIATE,
+    chunked,
+    execute_write,
+    upsert_insert,
+)
 
 __all__ = [
     "ACTIVE",
@@ -139,10 +145,6 @@ lifetime_rule_table = sa.Table(
     sa.Column("applied_at", sa.BigInteger, nullable=False),
     sa.Column("rows_changed", sa.BigInteger, nullable=False),
 )
-
-# PostgreSQL: deadlock / serialization failure; rows are written in user_key order, a retry
-# covers the rare abort left.
-_RETRYABLE_PGCODES = frozenset({"40P01", "40001"})
 
 
 def _now() -> int:
@@ -309,11 +311,6 @@ def _newest(records: Iterable[EnvelopeRecord]) -> list[EnvelopeRecord]:
     return [best[key] for key in sorted(best)]
 
 
-def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 @dataclass(frozen=True, slots=True)
 class RefreshResult:
     """The outcome of one refresh, to be recorded with :meth:`EnvelopeStore.record_refreshed` or
@@ -419,17 +416,7 @@ class EnvelopeStore:
         return changed
 
     def _execute(self, statement: Any, rows: list[dict[str, Any]] | None = None) -> int:
-        for attempt in range(3):
-            try:
-                with self.engine.begin() as connection:
-                    result = connection.execute(statement, rows) if rows is not None else connection.execute(statement)
-                    return int(result.rowcount or 0)
-            except DBAPIError as exc:
-                code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-                if attempt == 2 or code not in _RETRYABLE_PGCODES:
-                    raise
-                time.sleep(0.05 * (attempt + 1))
-        return 0  # pragma: no cover - the loop returns or raises
+        return execute_write(self.engine, statement, rows)
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -476,7 +463,7 @@ class EnvelopeStore:
             },
             where=newer,
         )
-        for chunk in _chunks(newest, WRITE_CHUNK):
+        for chunk in chunked(newest, WRITE_CHUNK):
             self._execute(statement, [_record_row(record, now, self.lifetime_rule) for record in chunk])
         return len(newest)
 
@@ -513,7 +500,7 @@ class EnvelopeStore:
                 return {state: int(count) for state, count in sorted(found)}
             except DBAPIError as exc:
                 code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-                if attempt == 2 or code not in _RETRYABLE_PGCODES:
+                if attempt == 2 or code not in RETRYABLE_PGCODES:
                     raise
                 time.sleep(0.05 * (attempt + 1))
         return {}  # pragma: no cover - the loop returns or raises
@@ -554,7 +541,7 @@ class EnvelopeStore:
             for result in sorted(results, key=lambda r: r.row.user_key)
             if result.new_envelope
         ]
-        return sum(self._execute(statement, list(chunk)) for chunk in _chunks(rows, WRITE_CHUNK)) if rows else 0
+        return sum(self._execute(statement, list(chunk)) for chunk in chunked(rows, WRITE_CHUNK)) if rows else 0
 
     def record_failed(self, results: Sequence[RefreshResult], *, now: int | None = None) -> int:
         """Mark rows whose refresh failed, with the reason; the envelope itself is kept.
@@ -584,7 +571,7 @@ class EnvelopeStore:
             }
             for result in sorted(results, key=lambda r: r.row.user_key)
         ]
-        return sum(self._execute(statement, list(chunk)) for chunk in _chunks(rows, WRITE_CHUNK)) if rows else 0
+        return sum(self._execute(statement, list(chunk)) for chunk in chunked(rows, WRITE_CHUNK)) if rows else 0
 
     def forget(self, user_keys: Iterable[str]) -> int:
         """Delete the identities of these user keys (data subject erasure); return rows deleted.
@@ -594,7 +581,7 @@ class EnvelopeStore:
         keys = sorted(set(user_keys))
         table = envelope_table
         deleted = 0
-        for chunk in _chunks(keys, WRITE_CHUNK):
+        for chunk in chunked(keys, WRITE_CHUNK):
             deleted += self._execute(sa.delete(table).where(table.c.user_key.in_(list(chunk))))
         return deleted
 
@@ -622,7 +609,7 @@ class EnvelopeStore:
         table = envelope_table
         found: dict[str, StoredEnvelope] = {}
         with self.engine.connect() as connection:
-            for chunk in _chunks(keys, WRITE_CHUNK):
+            for chunk in chunked(keys, WRITE_CHUNK):
                 query = sa.select(envelope_table).where(
                     table.c.user_key.in_(list(chunk)), table.c.expires_at > now
                 )

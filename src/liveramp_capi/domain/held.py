@@ -21,20 +21,19 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
 
 from liveramp_capi.domain.batches import Batch, batch_id_for
 from liveramp_capi.domain.envelopes import envelope_table
 from liveramp_capi.domain.ledger import ensure_component_schema, sanitize_error
 from liveramp_capi.domain.sessions import ShardEntry
-from liveramp_capi.domain.statedb import upsert_insert
+from liveramp_capi.domain.statedb import chunked, execute_write, upsert_insert
 
 __all__ = [
     "DELIVERING",
@@ -99,8 +98,6 @@ held_table = sa.Table(
     sa.Index("ix_capi_held_conversions_claim", "claim_token"),
 )
 
-_RETRYABLE_PGCODES = frozenset({"40P01", "40001"})
-
 
 def event_key(event_type: str, event_id: str) -> str:
     """The table key of an event: TikTok deduplicates on event name + ``event_id``."""
@@ -114,11 +111,6 @@ def event_key(event_type: str, event_id: str) -> str:
 def _event_type(entry: ShardEntry) -> str:
     value = orjson.loads(entry.event_json).get("event_type")
     return value if isinstance(value, str) else ""
-
-
-def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,17 +183,7 @@ class HeldConversions:
         ensure_component_schema(self.engine, [held_table], SCHEMA_COMPONENT, SCHEMA_VERSION)
 
     def _execute(self, statement: Any, rows: list[dict[str, Any]] | None = None) -> int:
-        for attempt in range(3):
-            try:
-                with self.engine.begin() as connection:
-                    result = connection.execute(statement, rows) if rows is not None else connection.execute(statement)
-                    return int(result.rowcount or 0)
-            except DBAPIError as exc:
-                code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-                if attempt == 2 or code not in _RETRYABLE_PGCODES:
-                    raise
-                time.sleep(0.05 * (attempt + 1))
-        return 0  # pragma: no cover - the loop returns or raises
+        return execute_write(self.engine, statement, rows)
 
     # -- the send step ----------------------------------------------------------------------
 
@@ -244,7 +226,7 @@ class HeldConversions:
             index_elements=[held_table.c.partition, held_table.c.event_key]
         )
         ordered = [rows[key] for key in sorted(rows)]
-        for chunk in _chunks(ordered, WRITE_CHUNK):
+        for chunk in chunked(ordered, WRITE_CHUNK):
             self._execute(statement, list(chunk))
         return len(ordered)
 
@@ -369,7 +351,7 @@ class HeldConversions:
             .values(**values)
         )
         rows = [{"p": p, "k": k} for p, k in sorted(set(keys))]
-        return sum(self._execute(statement, list(chunk)) for chunk in _chunks(rows, WRITE_CHUNK)) if rows else 0
+        return sum(self._execute(statement, list(chunk)) for chunk in chunked(rows, WRITE_CHUNK)) if rows else 0
 
     def mark_recovered(
         self, token: str, items: Iterable[HeldConversion], *, now: int, run_id: str | None
@@ -412,6 +394,6 @@ class HeldConversions:
         """Delete the held events of these user keys (data subject erasure); return rows deleted."""
         keys = sorted(set(user_keys))
         deleted = 0
-        for chunk in _chunks(keys, WRITE_CHUNK):
+        for chunk in chunked(keys, WRITE_CHUNK):
             deleted += self._execute(sa.delete(held_table).where(held_table.c.user_key.in_(list(chunk))))
         return deleted
