@@ -195,6 +195,8 @@ def test_envelope_lifetime_rule_comes_from_the_connection_extra(monkeypatch: pyt
     assert store.lifetime_rule is LifetimeRule.NO_CALIFORNIA_TRAFFIC
     assert store.applied_lifetime_rule() == "no_california_traffic"
     set_conn(monkeypatch, conn_type="sqlite", host=str(path), extra={"envelope_lifetime_rule": "forever"})
-    with pytest.raises(ValueError, match="envelope_lifetime_rule must be one of"):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    with pytest.raises(AirflowFailException, match="envelope_lifetime_rule must be one of"):
         CapiStateHook().get_envelope_store()
     assert CapiStateHook().get_held_conversions().counts()["held"] == 0

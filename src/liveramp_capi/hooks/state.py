@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import quote
 
 from airflow.sdk import BaseHook
+from airflow.sdk.exceptions import AirflowFailException
 from sqlalchemy.engine import Engine
 
 from liveramp_capi.domain.consent import LifetimeRule
@@ -98,10 +99,14 @@ class CapiStateHook(BaseHook):
     def lifetime_rule(self) -> LifetimeRule:
         """The connection's ``envelope_lifetime_rule`` (default ``conservative``).
 
-        :raises ValueError: for an unknown rule name (the message lists the accepted ones).
+        :raises AirflowFailException: for an unknown rule name (the message lists the accepted
+            ones): retrying cannot heal a configuration error.
         """
         conn = self.get_connection(self.capi_state_conn_id)
-        return LifetimeRule.parse(conn.extra_dejson.get("envelope_lifetime_rule"))
+        try:
+            return LifetimeRule.parse(conn.extra_dejson.get("envelope_lifetime_rule"))
+        except ValueError as err:
+            raise AirflowFailException(f"connection {self.capi_state_conn_id!r}: {err}") from None
 
     def get_envelope_store(self) -> EnvelopeStore:
         """Return the envelope store, its schema created if missing and its lifetime rule applied."""
