@@ -109,6 +109,7 @@ with DAG(
         task_id="recover_held",
         output_root=OUTPUT_ROOT,
         result_folder="dt=" + PARTITION,
+        partition=PARTITION,
         max_event_age_days="{{ var.value.get('capi_max_event_age_days', '28') }}",
         # After send: this partition's own events go out first, and held ones of earlier
         # partitions whose user came back with a fresh envelope right after.

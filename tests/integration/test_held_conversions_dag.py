@@ -55,6 +55,7 @@ def test_a_held_conversion_is_won_back_once_by_a_later_partition(airflow_db, sta
     assert (summary["delivered_events"], summary["envelope_expired_events"]) == (1, 1)
     [line] = output_jsonl(tmp_path, first, "envelope_expired.jsonl")
     assert (line["event_id"], line["held"]) == ("ev-held", "held")
+    assert summary["held_conversions"]["this_partition"]["held"] == 1
 
     # The user comes back the next day: the later partition brings a fresh envelope.
     _stage(tmp_path, later, [_event("ev-new", later, "AgCaliforniaFreshEnvelope", "u-back", now - 3600, USP)])
@@ -73,3 +74,5 @@ def test_a_held_conversion_is_won_back_once_by_a_later_partition(airflow_db, sta
     assert all(summary["checks"].values())
     [line] = output_jsonl(tmp_path, first, "envelope_expired.jsonl")
     assert (line["event_id"], line["held"]) == ("ev-held", "recovered")
+    own = summary["held_conversions"]["this_partition"]
+    assert (own["held"], own["recovered"], own["lost"]) == (0, 1, 0)

@@ -33,11 +33,13 @@ class RecoverHeldConversionsOperator(BaseOperator):
     :param output_root: URL of the output root (templated).
     :param result_folder: folder under the output root for the result (templated).
     :param max_event_age_days: the attribution window; older held events are lost (templated).
+    :param partition: the conversions run's partition (templated): its own held events are
+        counted by state in the result (``this_partition``); None in the refresh DAG.
     :param liveramp_capi_conn_id: the CAPI adapter connection.
     :param capi_state_conn_id: the state database connection.
     """
 
-    template_fields: Sequence[str] = ("output_root", "result_folder", "max_event_age_days")
+    template_fields: Sequence[str] = ("output_root", "result_folder", "max_event_age_days", "partition")
     ui_color = "#fce8e6"
 
     def __init__(
@@ -46,6 +48,7 @@ class RecoverHeldConversionsOperator(BaseOperator):
         output_root: str,
         result_folder: str,
         max_event_age_days: int | str = 28,
+        partition: str | None = None,
         liveramp_capi_conn_id: str = "liveramp_capi_default",
         capi_state_conn_id: str = "capi_state_default",
         **kwargs: Any,
@@ -54,6 +57,7 @@ class RecoverHeldConversionsOperator(BaseOperator):
         self.output_root = output_root
         self.result_folder = result_folder
         self.max_event_age_days = max_event_age_days
+        self.partition = partition
         self.liveramp_capi_conn_id = liveramp_capi_conn_id
         self.capi_state_conn_id = capi_state_conn_id
 
@@ -65,7 +69,7 @@ class RecoverHeldConversionsOperator(BaseOperator):
 
         from liveramp_capi.domain.envelopes import DAY_SECONDS
         from liveramp_capi.domain.held import HELD_RECOVERY_FILE
-        from liveramp_capi.domain.partition import check_root
+        from liveramp_capi.domain.partition import check_root, parse_partition
         from liveramp_capi.domain.recovery import recover_held_conversions
         from liveramp_capi.domain.statedb import StateDatabaseUnavailable, check_reachable
         from liveramp_capi.hooks.capi import LiveRampCapiHook
@@ -98,6 +102,10 @@ class RecoverHeldConversionsOperator(BaseOperator):
         totals = held.counts()
         result["still_held"] = totals["held"] + totals["delivering"]
         result["totals"] = totals
+        if self.partition:
+            with permanent_config_errors():
+                own = parse_partition(self.partition)
+            result["this_partition"] = held.counts(own)
         target.mkdir(parents=True, exist_ok=True)
         with (target / HELD_RECOVERY_FILE).open("wb") as stream:
             stream.write(json.dumps(result, indent=2, sort_keys=True).encode() + b"\n")
