@@ -281,12 +281,17 @@ class HeldConversions:
         :param lease_seconds: age after which another run's claim lapses.
         """
         table, store = held_table, envelope_table
-        live_keys = sa.select(store.c.user_key).where(store.c.expires_at > now)
+        # A primary-key probe per waiting event, not a scan of every live envelope.
+        has_live_envelope = (
+            sa.select(store.c.user_key)
+            .where(store.c.user_key == table.c.user_key, store.c.expires_at > now)
+            .exists()
+        )
         claimable = sa.and_(
             sa.or_(table.c.state == HELD,
                    sa.and_(table.c.state == DELIVERING, table.c.claimed_at <= now - lease_seconds)),
             table.c.event_time > now - window_seconds,
-            table.c.user_key.in_(live_keys),
+            has_live_envelope,
         )
         chosen = (
             sa.select(table.c.partition, table.c.event_key)
