@@ -21,7 +21,6 @@ from liveramp_capi.domain.envelopes import (
     EnvelopeRecord,
     EnvelopeStore,
     RefreshResult,
-    cut_resolved_batches,
     envelope_expiry,
     resolve_session,
 )
@@ -184,14 +183,20 @@ def test_send_time_resolution_prefers_the_freshest_unexpired_envelope(store: Env
     ]
     resolved = resolve_session(Session("s:x", key_hash("s:x"), entries), stored, NOW)
     assert [e.event_id for e in resolved.expired] == ["e1"] and resolved.replaced == 1
-    batches = cut_resolved_batches(resolved, partition="2026-11-20", max_events=50)
-    [batch] = batches
+    # What the send step sends: the same choice, in a batch whose id is the one of the events as
+    # spilled (a later refresh does not change it).
+    from liveramp_capi.domain.batches import cut_batches
+    from liveramp_capi.domain.held import HeldIndex
+    from liveramp_capi.domain.send_plan import plan_session
+
+    session = Session("s:x", key_hash("s:x"), entries)
+    plan = plan_session(session, stored, NOW, partition="2026-11-20", max_events=50, acknowledged=set(),
+                        held=HeldIndex({}))
+    [batch] = plan.batches
     sent = orjson.loads(batch.body)["events"]
     assert [e["user_data"]["partner_id"] for e in sent] == ["E-store", "E-own-live", "E-no-key"]
-    # The batch id is the one of the events as spilled: a later refresh does not change it.
-    from liveramp_capi.domain.batches import cut_batches
-
-    assert batch.batch_id == cut_batches(resolved.original, partition="2026-11-20", max_events=50)[0].batch_id
+    assert batch.batch_id == cut_batches(session, partition="2026-11-20", max_events=50)[0].batch_id
+    assert [e.event_id for e in plan.hold] == ["e1"] and plan.replaced == 1
 
 
 @pytest.mark.parametrize("rows", [20_000])

@@ -78,7 +78,6 @@ __all__ = [
     "RefreshResult",
     "StoredEnvelope",
     "build_refresh_summary",
-    "cut_resolved_batches",
     "envelope_expiry",
     "envelope_table",
     "gpp_sections",
@@ -802,27 +801,6 @@ def resolve_session(session: Session, stored: Mapping[str, StoredEnvelope], now:
     original = session if not expired else Session(session.key, session.key_hash, kept)
     result = original if not replaced else Session(session.key, session.key_hash, resolved)
     return ResolvedSession(original, result, expired, replaced)
-
-
-def cut_resolved_batches(resolved: ResolvedSession, *, partition: str, max_events: int) -> list[Any]:
-    """Cut a resolved session into batches: ids from the spilled events, bodies with the chosen envelopes.
-
-    :param resolved: from :func:`resolve_session`.
-    :param partition: the partition name.
-    :param max_events: events per batch.
-    :return: :class:`~liveramp_capi.domain.batches.Batch` objects.
-    """
-    import dataclasses
-
-    from liveramp_capi.domain.batches import cut_batches
-
-    if resolved.original is None or resolved.resolved is None:
-        return []
-    batches = cut_batches(resolved.original, partition=partition, max_events=max_events)
-    if resolved.resolved is resolved.original:
-        return batches
-    bodies = cut_batches(resolved.resolved, partition=partition, max_events=max_events)
-    return [dataclasses.replace(batch, body=other.body) for batch, other in zip(batches, bodies, strict=True)]
 
 
 # -- the refresh run's summary ------------------------------------------------------------------
