@@ -1,18 +1,22 @@
 """
 ### Keep ATS identity envelopes alive: the daily envelope refresh
 
-ATS envelopes expire 30 days after they were issued (15 days for California: GPP section 8).
-The conversions pipeline keeps the newest envelope of every advertiser user key in the envelope
-store (`capi_envelope_store` in the state database, connection `capi_state_default`); this DAG
-refreshes the ones that expire within `capi_envelope_refresh_horizon_days` (default 7) through
+ATS envelopes expire 30 days after they were issued, 15 days for California. Nothing in a
+record tells a Californian apart, so the store gives 15 days unless the consent proves another
+jurisdiction (TCF v2, or GPP sections naming only non-Californian jurisdictions); see the
+README for the `envelope_lifetime_rule` override. The conversions pipeline keeps the newest
+envelope of every advertiser user key in the envelope store (`capi_envelope_store` in the state
+database, connection `capi_state_default`); this DAG refreshes each envelope once at most
+`capi_envelope_refresh_remaining_share` (default 0.33) of its own lifetime is left, through
 LiveRamp's envelope refresh API (connection `liveramp_envelope_default`: base URL, extra `pid`
 and `origin`), so offline conversions sent weeks later still carry a live envelope.
 
 | task | what it does |
 |---|---|
-| `plan` | marks expired rows, counts the rows due, splits them into slices by a stable hash of the user key |
+| `plan` | marks expired rows (counted by the state they were found in), counts the rows due, splits them into slices by a stable hash of the user key |
 | `refresh` | one mapped task per slice: pages through its rows, many requests in flight, retries with backoff and `Retry-After`, a rate ceiling; stores each new envelope, or the failure reason (the old envelope is kept) |
-| `report` | writes `<capi_output_root>/envelope_refresh/<date>/summary.json` (selected, refreshed, failed by reason, skipped for consent) and fails above `capi_envelope_refresh_max_failure_ratio` (default 0.1) |
+| `recover_held` | delivers conversions held back for an expired envelope whose user key now has a live one (exactly once, through the ledger); marks those past the attribution window lost |
+| `report` | writes `<capi_output_root>/envelope_refresh/<date>/summary.json` (selected, refreshed, failed by reason, skipped for consent, expired when found, held conversions recovered/lost) and fails above `capi_envelope_refresh_max_failure_ratio` (default 0.1) |
 
 Rows without consent are never sent; they are counted as *skipped for consent*. A rerun of the
 day refreshes only what is still due. Only counts are logged.
@@ -26,6 +30,7 @@ import os
 from airflow.sdk import DAG
 
 from liveramp_capi.notifiers import default_failure_notifier
+from liveramp_capi.operators.recover import RecoverHeldConversionsOperator
 from liveramp_capi.operators.refresh import (
     PlanEnvelopeRefreshOperator,
     RefreshEnvelopesOperator,
@@ -60,7 +65,7 @@ with DAG(
         task_id="plan",
         run_date=RUN_DATE,
         output_root=OUTPUT_ROOT,
-        horizon_days="{{ var.value.get('capi_envelope_refresh_horizon_days', '7') }}",
+        remaining_share="{{ var.value.get('capi_envelope_refresh_remaining_share', '0.33') }}",
         slices="{{ var.value.get('capi_envelope_refresh_slices', '0') }}",
     )
     refresh = RefreshEnvelopesOperator.partial(
@@ -69,6 +74,14 @@ with DAG(
         output_root=OUTPUT_ROOT,
         map_index_template="slice {{ task.slice_index }}",
     ).expand_kwargs(plan.output)
+    recover_held = RecoverHeldConversionsOperator(
+        task_id="recover_held",
+        output_root=OUTPUT_ROOT,
+        result_folder="envelope_refresh/" + RUN_DATE,
+        max_event_age_days="{{ var.value.get('capi_max_event_age_days', '28') }}",
+        # Refreshed or not, envelopes that arrived with the latest partitions can win events back.
+        trigger_rule="all_done",
+    )
     report = ReportEnvelopeRefreshOperator(
         task_id="report",
         run_date=RUN_DATE,
@@ -76,4 +89,4 @@ with DAG(
         max_failure_ratio="{{ var.value.get('capi_envelope_refresh_max_failure_ratio', '0.1') }}",
     )
 
-    plan >> refresh >> report
+    plan >> refresh >> recover_held >> report

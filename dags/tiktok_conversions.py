@@ -11,7 +11,8 @@ instead of personal data.
 | `claim_partition` | claims the partition for this run in the state database (a lease with heartbeat and expiry); while another run of the same partition works, waits up to `capi_partition_claim_wait_minutes` (60), then fails naming that run |
 | `extract` | lists the partition's `*.jsonl`, `*.jsonl.gz`, `*.csv`, `*.csv.gz` files into the run's manifest |
 | `validate` | checks every record (JSON Schema, duplicate `event_id`, 28-day window); rejects go to `rejected.jsonl` with file, line, pointer and reason; valid events are spilled to session shards |
-| `send` | one mapped task per shard: sessions -> batches -> LiveRamp, many requests in flight; the delivery ledger makes reruns send only what was not acknowledged |
+| `send` | one mapped task per shard: sessions -> batches -> LiveRamp, many requests in flight; the delivery ledger makes reruns send only what was not acknowledged; events whose every envelope expired are held (`envelope_expired.jsonl`) |
+| `recover_held` | delivers, exactly once, conversions held by earlier partitions whose user key now has a live envelope (this partition may have brought it); held events past the attribution window become lost |
 | `report` | runs whatever happened upstream; writes this run's `summary.json` (and `failed.jsonl`, `envelope_expired.jsonl`) under `capi_output_root`, releases the claim, and fails unless this run's partition is delivered |
 
 Every task writes into the run's own work folder (`dt=.../_work/<run>/`); the partition's files
@@ -37,6 +38,7 @@ from airflow.sdk import DAG, CronPartitionTimetable, Param
 from liveramp_capi.notifiers import default_failure_notifier, partition_deadline_alert
 from liveramp_capi.operators.claim import ClaimPartitionOperator
 from liveramp_capi.operators.extract import ExtractPartitionOperator
+from liveramp_capi.operators.recover import RecoverHeldConversionsOperator
 from liveramp_capi.operators.report import ReportConversionsOperator
 from liveramp_capi.operators.send import SendConversionsOperator
 from liveramp_capi.operators.validate import ValidateConversionsOperator
@@ -119,8 +121,18 @@ with DAG(
         output_root=OUTPUT_ROOT,
         map_index_template="shard {{ task.shard }}",
     ).expand(shard=validate.output)
+    recover_held = RecoverHeldConversionsOperator(
+        task_id="recover_held",
+        output_root=OUTPUT_ROOT,
+        result_folder="dt=" + PARTITION,
+        partition=PARTITION,
+        max_event_age_days="{{ var.value.get('capi_max_event_age_days', '28') }}",
+        # After send: this partition's own events go out first, and held ones of earlier
+        # partitions whose user came back with a fresh envelope right after.
+        trigger_rule="all_done",
+    )
     report = ReportConversionsOperator(
         task_id="report", partition=PARTITION, landing_root=LANDING_ROOT, output_root=OUTPUT_ROOT
     )
 
-    wait_for_partition >> claim_partition >> extract >> validate >> send >> report
+    wait_for_partition >> claim_partition >> extract >> validate >> send >> recover_held >> report

@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO / "include"))
 sys.path.insert(0, str(REPO / "tests"))
 
 from bench_data import iter_partition_lines, write_partition  # noqa: E402
+from bench_envelopes import envelope_rows  # noqa: E402
 
 SEED = 20261124
 CONFIG_ID = "cfg-bench-5a1e"
@@ -624,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench_console import bench_rows
 
     rows += [Row(**row) for row in bench_rows(args.workdir / "console", quick=args.quick)]
+    rows += envelope_rows(Row, quick=args.quick)
     print()
     print_table(rows)
     if args.json:

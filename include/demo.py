@@ -158,13 +158,14 @@ def main() -> int:
         _print_summary(second)
         stats = _standin_stats(port)
         print(f"   the stand-in has now received {stats.get('events')} events in {stats.get('batches')} batches in all")
-        print("6. Running ats_envelope_refresh: envelopes expiring within 7 days are refreshed ...")
+        print("6. Running ats_envelope_refresh: envelopes with a third of their lifetime left are refreshed ...")
         refresh = _run_refresh(env)
         for key in ("status", "selected", "refreshed", "failed", "failed_by_reason", "skipped_consent",
-                    "newly_expired", "requests"):
+                    "expired_when_found", "requests"):
             print(f"    {key:<28} {refresh.get(key)}")
-        print("   (the sample holds users whose envelopes are 24-26 days old, one California user on the 15-day")
-        print("    lifetime, and one due user without consent: reported, never sent to the refresh API)")
+        print("   (the sample holds an EU user (TCF) whose envelope is 25 days old, US Privacy and California users")
+        print("    on the 15-day lifetime 10-12 days in, and one due user without consent: reported, never sent")
+        print("    to the refresh API)")
         ok = (
             first.get("status") == "complete"
             and second.get("delivered_this_run") == 0

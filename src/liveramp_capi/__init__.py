@@ -63,7 +63,8 @@ def get_provider_info() -> dict:
                         "host": "/opt/airflow/state/capi_state.db or db.example.com",
                         "schema": "capi (PostgreSQL only)",
                         "port": "5432 (PostgreSQL only)",
-                        "extra": '{"sqlalchemy_url": "postgresql+psycopg://user:pass@host/db"} (optional)',
+                        "extra": '{"sqlalchemy_url": "postgresql+psycopg://user:pass@host/db", '
+                        '"envelope_lifetime_rule": "conservative"} (both optional)',
                     },
                 },
             },

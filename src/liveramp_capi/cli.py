@@ -1,7 +1,7 @@
 """Command line tools of the pipeline: ``python -m liveramp_capi.cli <command>``.
 
-``forget-identity --user-key K [--user-key K2 ...]`` deletes the envelope store rows of these
-user keys (a data subject's erasure request). It reads the state database from the Airflow
+``forget-identity --user-key K [--user-key K2 ...]`` deletes the envelope store rows and the
+held conversions of these user keys (a data subject's erasure request). It reads the state database from the Airflow
 connection ``capi_state_default`` (e.g. ``AIRFLOW_CONN_CAPI_STATE_DEFAULT``) and prints counts
 only: never a key, an envelope or a connection detail.
 """
@@ -32,7 +32,11 @@ def _forget_identity(args: argparse.Namespace) -> int:
         return 1
     store = hook.get_envelope_store()
     deleted = store.forget(keys)
-    print(f"forget-identity: {len(set(keys))} user key(s) requested, {deleted} envelope store row(s) deleted")
+    held = hook.get_held_conversions().forget(keys)
+    print(
+        f"forget-identity: {len(set(keys))} user key(s) requested, {deleted} envelope store row(s) "
+        f"and {held} held conversion(s) deleted"
+    )
     return 0
 
 

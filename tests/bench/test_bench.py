@@ -31,7 +31,7 @@ def test_bench_quick_run_prints_one_table_and_counts_add_up(airflow_db, tmp_path
     assert len(table) == len(rows) + 2  # header, rule, one line per row
     figures = " ".join(row["figure"] for row in rows)
     for needed in ("validation", "delivery: BatchSender", "bare aiohttp", "end to end", "memory: validate", "memory: send",
-                   "console: partitions page", "console: envelope health"):
+                   "console: partitions page", "console: envelope health", "envelopes ("):
         assert needed in figures
     for row in rows:
         assert row["value"] > 0

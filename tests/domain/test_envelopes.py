@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import orjson
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import Engine
 
 from liveramp_capi.domain.envelopes import (
     ACTIVE,
@@ -23,67 +21,30 @@ from liveramp_capi.domain.envelopes import (
     EnvelopeRecord,
     EnvelopeStore,
     RefreshResult,
-    cut_resolved_batches,
     envelope_expiry,
     resolve_session,
 )
 from liveramp_capi.domain.sessions import Session, ShardEntry, key_hash
-from liveramp_capi.domain.statedb import make_engine
 
-PG_HOST, PG_PORT = "127.0.0.1", 5432
-PG_ADMIN_URL = f"postgresql+psycopg://postgres@{PG_HOST}:{PG_PORT}/postgres"
 NOW = 1_790_000_000
 TCF = Consent(ct=4, cv="CPXxRfAPXxRfAAfKABENB-CgAAAAAAAAAAYgAAAAAAAA")
 CALIFORNIA = Consent(gpp="DBABMA~CPXxRfAPXxRfAAfKABENB-CgAAAAAAAAAAYgAAAAAAAA", gpp_sid="7,8")
 
 
-def _pg_reachable() -> bool:
-    try:
-        with socket.create_connection((PG_HOST, PG_PORT), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    """One throw-away PostgreSQL database for this module, dropped afterwards."""
-    if not _pg_reachable():
-        pytest.skip(f"PostgreSQL is unreachable on {PG_HOST}:{PG_PORT}")
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"capi_envtest_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    yield f"postgresql://postgres@{PG_HOST}:{PG_PORT}/{name}"
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.dispose()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EnvelopeStore]:
-    if request.param == "sqlite":
-        engine = make_engine(f"sqlite:///{tmp_path / 'state.db'}")
-    else:
-        engine = make_engine(request.getfixturevalue("pg_url"))
-        with engine.begin() as connection:
-            connection.exec_driver_sql("DROP TABLE IF EXISTS capi_envelope_store")
-            connection.exec_driver_sql("DROP TABLE IF EXISTS capi_schema_version")
-    result = EnvelopeStore(engine)
+@pytest.fixture
+def store(state_engine: Engine) -> Iterator[EnvelopeStore]:
+    result = EnvelopeStore(state_engine)
     result.ensure_schema()
     result.ensure_schema()  # idempotent
     yield result
-    engine.dispose()
 
 
 def rec(key: str, envelope: str, issued_at: int, consent: Consent | None = TCF, ip: str | None = None) -> EnvelopeRecord:
     return EnvelopeRecord(key, envelope, issued_at, consent, ip)
 
 
-def test_lifetime_rule_is_30_days_and_15_for_gpp_california() -> None:
+def test_consent_records_parse_and_never_show_secrets() -> None:
     assert envelope_expiry(NOW, TCF) == NOW + 30 * DAY_SECONDS
-    assert envelope_expiry(NOW, None) == NOW + 30 * DAY_SECONDS
-    assert envelope_expiry(NOW, Consent(ct=3, cv="1YNN")) == NOW + 30 * DAY_SECONDS
     assert envelope_expiry(NOW, CALIFORNIA) == NOW + 15 * DAY_SECONDS
     assert Consent.from_record({"gpp": "x", "gpp_sid": [8]}).is_california
     assert Consent.from_record({"gpp": "x", "gpp_sid": "7_9"}).gpp_sid == "7,9"
@@ -159,12 +120,11 @@ def test_due_rows_are_paged_by_slice_without_overlap_and_without_expired_or_late
     store.upsert(due + later + gone, now=NOW)
     assert store.mark_expired(now=NOW) == 0  # stored as expired on arrival already
     assert store.counts_by_state() == {ACTIVE: 235, EXPIRED: 5}
-    horizon = 7 * DAY_SECONDS
-    assert store.count_due(now=NOW, horizon_seconds=horizon) == {"due": 230, "consent_missing": 0}
+    assert store.count_due(now=NOW) == {"due": 230, "consent_missing": 0}
 
     seen: list[str] = []
     for index in range(3):
-        pages = list(store.iter_due(now=NOW, horizon_seconds=horizon, slice_index=index, slices=3, page_size=17))
+        pages = list(store.iter_due(now=NOW, slice_index=index, slices=3, page_size=17))
         assert all(len(page) <= 17 for page in pages)
         keys = [row.user_key for page in pages for row in page]
         assert all(key_hash(k) % 3 == index for k in keys)
@@ -177,7 +137,7 @@ def test_due_rows_are_paged_by_slice_without_overlap_and_without_expired_or_late
 def test_refresh_outcomes_update_or_keep_the_envelope(store: EnvelopeStore) -> None:
     store.upsert([rec("ok", "E-ok", NOW - 25 * DAY_SECONDS), rec("bad", "E-bad", NOW - 25 * DAY_SECONDS),
                   rec("moved", "E-moved", NOW - 25 * DAY_SECONDS)], now=NOW)
-    rows = {row.user_key: row for page in store.iter_due(now=NOW, horizon_seconds=7 * DAY_SECONDS) for row in page}
+    rows = {row.user_key: row for page in store.iter_due(now=NOW) for row in page}
     # The pipeline writes a newer envelope for "moved" while its refresh is in flight.
     store.upsert([rec("moved", "E-moved-2", NOW - 5)], now=NOW)
 
@@ -223,14 +183,20 @@ def test_send_time_resolution_prefers_the_freshest_unexpired_envelope(store: Env
     ]
     resolved = resolve_session(Session("s:x", key_hash("s:x"), entries), stored, NOW)
     assert [e.event_id for e in resolved.expired] == ["e1"] and resolved.replaced == 1
-    batches = cut_resolved_batches(resolved, partition="2026-11-20", max_events=50)
-    [batch] = batches
+    # What the send step sends: the same choice, in a batch whose id is the one of the events as
+    # spilled (a later refresh does not change it).
+    from liveramp_capi.domain.batches import cut_batches
+    from liveramp_capi.domain.held import HeldIndex
+    from liveramp_capi.domain.send_plan import plan_session
+
+    session = Session("s:x", key_hash("s:x"), entries)
+    plan = plan_session(session, stored, NOW, partition="2026-11-20", max_events=50, acknowledged=set(),
+                        held=HeldIndex({}))
+    [batch] = plan.batches
     sent = orjson.loads(batch.body)["events"]
     assert [e["user_data"]["partner_id"] for e in sent] == ["E-store", "E-own-live", "E-no-key"]
-    # The batch id is the one of the events as spilled: a later refresh does not change it.
-    from liveramp_capi.domain.batches import cut_batches
-
-    assert batch.batch_id == cut_batches(resolved.original, partition="2026-11-20", max_events=50)[0].batch_id
+    assert batch.batch_id == cut_batches(session, partition="2026-11-20", max_events=50)[0].batch_id
+    assert [e.event_id for e in plan.hold] == ["e1"] and plan.replaced == 1
 
 
 @pytest.mark.parametrize("rows", [20_000])

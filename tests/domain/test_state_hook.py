@@ -181,3 +181,22 @@ def test_postgres_ledger(monkeypatch: pytest.MonkeyPatch, scratch_pg_database: s
     assert ledger.dialect == "postgresql"
     assert ledger.partition_counts("2026-11-20")["acknowledged"] == {"batches": 0, "events": 0}
     hook.get_engine().dispose()
+
+
+def test_envelope_lifetime_rule_comes_from_the_connection_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from liveramp_capi.domain.consent import LifetimeRule
+
+    path = tmp_path / "state.db"
+    set_conn(monkeypatch, conn_type="sqlite", host=str(path))
+    store = CapiStateHook().get_envelope_store()
+    assert store.lifetime_rule is LifetimeRule.CONSERVATIVE and store.applied_lifetime_rule() == "conservative"
+    set_conn(monkeypatch, conn_type="sqlite", host=str(path), extra={"envelope_lifetime_rule": "no_california_traffic"})
+    store = CapiStateHook().get_envelope_store()
+    assert store.lifetime_rule is LifetimeRule.NO_CALIFORNIA_TRAFFIC
+    assert store.applied_lifetime_rule() == "no_california_traffic"
+    set_conn(monkeypatch, conn_type="sqlite", host=str(path), extra={"envelope_lifetime_rule": "forever"})
+    from airflow.sdk.exceptions import AirflowFailException
+
+    with pytest.raises(AirflowFailException, match="envelope_lifetime_rule must be one of"):
+        CapiStateHook().get_envelope_store()
+    assert CapiStateHook().get_held_conversions().counts()["held"] == 0

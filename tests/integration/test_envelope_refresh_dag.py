@@ -69,7 +69,10 @@ def test_refresh_dag_refreshes_due_rows_marks_failures_and_never_calls_without_c
             EnvelopeRecord("u-ca", "E-ca", now - 12 * DAY_SECONDS, CALIFORNIA),  # 15-day life: 3 days left
             EnvelopeRecord("u-err", "E-err", due, TCF),
             EnvelopeRecord("u-400", "E-400", due, TCF),
-            EnvelopeRecord("u-noconsent", "E-noconsent", due, None),
+            # No consent: the 15-day lifetime, 3 days left.
+            EnvelopeRecord("u-noconsent", "E-noconsent", now - 12 * DAY_SECONDS, None),
+            # US Privacy (ct=3): 15 days too; 20 days old, so found already expired.
+            EnvelopeRecord("u-usp-dead", "E-usp-dead", now - 20 * DAY_SECONDS, Consent(ct=3, cv="1YNN")),
             EnvelopeRecord("u-later", "E-later", now - DAY_SECONDS, TCF),
             EnvelopeRecord("u-gone", "E-gone", now - life - 60, TCF),
         ]
@@ -106,6 +109,10 @@ def test_refresh_dag_refreshes_due_rows_marks_failures_and_never_calls_without_c
     assert (summary["selected"], summary["refreshed"], summary["failed"], summary["skipped_consent"]) == (45, 42, 2, 1)
     assert summary["failed_by_reason"] == {"HTTP 400": 1, "err entry": 1}
     assert summary["slices"] == {"planned": 3, "reported": 3, "missing": []}
+    # Stored as expired on arrival already, so this run marks none; the lifetime share is reported.
+    assert summary["expired_when_found"] == 0 and summary["remaining_share"] == pytest.approx(0.33)
+    assert store.get("u-usp-dead").state == EXPIRED
+    assert summary["held_conversions"]["claimed"] == 0
     text = json.dumps(summary)
     assert "E-" not in text and "CPXx" not in text and "203.0.113" not in text
 
@@ -172,6 +179,6 @@ def test_forget_identity_cli_deletes_rows_and_prints_counts_only(tmp_path):
     done = subprocess.run([sys.executable, "-m", "liveramp_capi.cli", "forget-identity", "--user-key", "crm-secret-key"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "1 envelope store row(s) deleted" in done.stdout
+    assert "1 envelope store row(s) and 0 held conversion(s) deleted" in done.stdout
     assert "crm-secret-key" not in done.stdout + done.stderr and "AgSecret" not in done.stdout + done.stderr
     assert store.get("crm-secret-key") is None and store.get("crm-other") is not None

@@ -64,6 +64,11 @@ def batch_id_for(partition: str, key: str, event_ids: tuple[str, ...], body: byt
     return digest.hexdigest()
 
 
+def request_body(event_jsons: list[bytes]) -> bytes:
+    """The request body ``{"events":[...]}`` of these compact event JSONs, in order."""
+    return b"".join((_BODY_HEAD, b",".join(event_jsons), _BODY_TAIL))
+
+
 def cut_batches(
     session: Session, *, partition: str, max_events: int = DEFAULT_MAX_BATCH_EVENTS
 ) -> list[Batch]:
@@ -81,7 +86,7 @@ def cut_batches(
     for start in range(0, len(entries), max_events):
         chunk = entries[start : start + max_events]
         event_ids = tuple(entry.event_id for entry in chunk)
-        body = b"".join((_BODY_HEAD, b",".join([entry.event_json for entry in chunk]), _BODY_TAIL))
+        body = request_body([entry.event_json for entry in chunk])
         batches.append(
             Batch(
                 batch_id=batch_id_for(partition, session.key, event_ids, body),

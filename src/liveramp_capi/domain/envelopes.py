@@ -8,13 +8,16 @@ daily ``ats_envelope_refresh`` DAG refreshes rows before they expire; the send s
 event's envelope by a fresher one from here, or holds the event back when every envelope it
 could use has expired.
 
-**Lifetime rule.** An envelope lives :data:`LIFETIME_DAYS` (30) days from ``issued_at``, or
-:data:`CALIFORNIA_LIFETIME_DAYS` (15) when its consent is a GPP string whose ``gpp_sid`` names
-section 8 (US-California). The US Privacy string (``ct=3``) is used US-wide, so it does not
-imply California on its own. ``issued_at`` is the record's ``envelope_issued_at``; a record
-without one gets its ``event_time``: the envelope existed when the event happened, so it was
-issued then or earlier, and an expiry computed from ``event_time`` is never too early (an
-envelope judged expired by it really is).
+**Lifetime rule** (:mod:`liveramp_capi.domain.consent`): 15 days unless the captured consent
+proves a jurisdiction where LiveRamp's 30 days apply (a TCF v2 string, or a GPP string naming
+only non-Californian sections); an advertiser without Californian traffic may configure
+:attr:`~liveramp_capi.domain.consent.LifetimeRule.NO_CALIFORNIA_TRAFFIC`. The store applies
+one rule to every row: when the configured rule differs from the one its rows were computed
+with (or the store predates the rule, schema version 1), :meth:`EnvelopeStore.ensure_schema`
+recomputes every expiry before anything reads it. ``issued_at`` is the record's
+``envelope_issued_at``; a record without one gets its ``event_time``: the envelope existed when
+the event happened, so it was issued then or earlier, and an expiry computed from
+``event_time`` is never too early (an envelope judged expired by it really is).
 
 **Store rules.** Upserts only, and the newer ``issued_at`` wins (on a tie, the larger envelope
 value, so the outcome does not depend on the order of writers): re-running a partition leaves
@@ -28,6 +31,7 @@ exception message built here contains them. Plain SQLAlchemy Core on SQLite or P
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,27 +42,45 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
+from liveramp_capi.domain.consent import (
+    CALIFORNIA_LIFETIME_DAYS,
+    DAY_SECONDS,
+    LIFETIME_DAYS,
+    Consent,
+    LifetimeRule,
+    envelope_expiry,
+    gpp_sections,
+    lifetime_seconds,
+)
 from liveramp_capi.domain.ledger import ensure_component_schema, sanitize_error
 from liveramp_capi.domain.sessions import Session, ShardEntry, key_hash
-from liveramp_capi.domain.statedb import upsert_insert
+from liveramp_capi.domain.statedb import (
+    RETRYABLE_PGCODES,
+    SQLITE_BEGIN_IMMEDIATE,
+    chunked,
+    execute_write,
+    upsert_insert,
+)
 
 __all__ = [
     "ACTIVE",
     "CALIFORNIA_LIFETIME_DAYS",
     "CONSENT_MISSING",
+    "DAY_SECONDS",
     "EXPIRED",
     "LIFETIME_DAYS",
     "REFRESH_FAILED",
     "Consent",
     "EnvelopeRecord",
+    "LifetimeRule",
     "EnvelopeStore",
     "ResolvedSession",
     "RefreshResult",
     "StoredEnvelope",
     "build_refresh_summary",
-    "cut_resolved_batches",
     "envelope_expiry",
     "envelope_table",
+    "gpp_sections",
     "lifetime_seconds",
     "resolve_session",
 ]
@@ -69,15 +91,14 @@ REFRESH_FAILED = "refresh_failed"
 CONSENT_MISSING = "consent_missing"
 STATES: tuple[str, ...] = (ACTIVE, EXPIRED, REFRESH_FAILED, CONSENT_MISSING)
 
-LIFETIME_DAYS = 30
-CALIFORNIA_LIFETIME_DAYS = 15
-#: GPP section id of the US-California section (7 US-National, 9 Virginia, ...).
-CALIFORNIA_GPP_SECTION = 8
-DAY_SECONDS = 86_400
 
 #: Name and version of the store's tables in ``capi_schema_version``.
 SCHEMA_COMPONENT = "envelope_store"
-SCHEMA_VERSION = 1
+#: 2: the lifetime rule applied to the rows is recorded (``capi_envelope_lifetime_rule``).
+SCHEMA_VERSION = 2
+#: Share of an envelope's lifetime that may remain when the refresh selects it (a third: a
+#: 15-day envelope is refreshed from day 10 on, a 30-day one from day 20 on).
+DEFAULT_REFRESH_REMAINING_SHARE = 1 / 3
 
 MAX_USER_KEY_CHARS = 256
 MAX_REASON_CHARS = 200
@@ -109,100 +130,24 @@ envelope_table = sa.Table(
     sa.CheckConstraint(
         "state IN (" + ", ".join(f"'{state}'" for state in STATES) + ")", name="ck_capi_envelope_state"
     ),
-    # The refresh selection walks rows in (expires_at, user_key) order within a horizon.
+    # The refresh selection walks rows in (expires_at, user_key) order up to the longest horizon.
     sa.Index("ix_capi_envelope_store_expires", "expires_at", "user_key"),
     sa.Index("ix_capi_envelope_store_attempt", "last_refresh_attempt_at"),
 )
 
-# PostgreSQL: deadlock / serialization failure; rows are written in user_key order, a retry
-# covers the rare abort left.
-_RETRYABLE_PGCODES = frozenset({"40P01", "40001"})
+#: Which lifetime rule the store's expiries were computed with (one row).
+lifetime_rule_table = sa.Table(
+    "capi_envelope_lifetime_rule",
+    metadata,
+    sa.Column("id", sa.SmallInteger, primary_key=True),
+    sa.Column("rule", sa.String(64), nullable=False),
+    sa.Column("applied_at", sa.BigInteger, nullable=False),
+    sa.Column("rows_changed", sa.BigInteger, nullable=False),
+)
 
 
 def _now() -> int:
     return int(time.time())
-
-
-# -- consent and lifetime -------------------------------------------------------------------
-
-
-def gpp_sections(gpp_sid: str | Sequence[int] | None) -> frozenset[int]:
-    """Return the section ids of a ``gpp_sid`` value (``"7,8"``, ``"7_8"`` or ``[7, 8]``).
-
-    :param gpp_sid: the value as found in a record, or None.
-    """
-    if gpp_sid is None:
-        return frozenset()
-    if isinstance(gpp_sid, str):
-        parts = gpp_sid.replace("_", ",").split(",")
-    else:
-        parts = [str(part) for part in gpp_sid]
-    return frozenset(int(part) for part in parts if part.strip().isdigit())
-
-
-@dataclass(frozen=True, slots=True)
-class Consent:
-    """The consent captured with an envelope: TCF/USP (``ct`` + ``cv``) or GPP (``gpp`` + ``gpp_sid``).
-
-    :param ct: consent type (1 TCF v1.1, 3 US Privacy, 4 TCF v2), with ``cv``.
-    :param cv: the consent string (secret for logs).
-    :param gpp: the GPP string (secret for logs), with ``gpp_sid``.
-    :param gpp_sid: GPP section ids, normalised to ``"7,8"``.
-    """
-
-    ct: int | None = None
-    cv: str | None = field(default=None, repr=False)
-    gpp: str | None = field(default=None, repr=False)
-    gpp_sid: str | None = None
-
-    @classmethod
-    def from_record(cls, value: Any) -> Consent | None:
-        """Read a record's pipeline-only ``consent`` field; ``None`` when absent or incomplete.
-
-        :param value: ``{"ct": 4, "cv": "..."}`` or ``{"gpp": "...", "gpp_sid": "7,8" | [7, 8]}``.
-        """
-        if not isinstance(value, Mapping):
-            return None
-        gpp, sid = value.get("gpp"), value.get("gpp_sid")
-        if isinstance(gpp, str) and gpp and sid not in (None, "", []):
-            sections = sorted(gpp_sections(sid))
-            if sections:
-                return cls(gpp=gpp, gpp_sid=",".join(str(s) for s in sections))
-        ct, cv = value.get("ct"), value.get("cv")
-        if isinstance(ct, int) and not isinstance(ct, bool) and isinstance(cv, str) and cv:
-            return cls(ct=ct, cv=cv)
-        return None
-
-    @property
-    def is_california(self) -> bool:
-        """Whether the GPP sections name US-California (section 8): the 15-day lifetime applies."""
-        return CALIFORNIA_GPP_SECTION in gpp_sections(self.gpp_sid)
-
-    def query(self) -> dict[str, str]:
-        """The refresh API's consent parameters: ``gpp`` + ``gpp_sid`` when present, else ``ct`` + ``cv``."""
-        if self.gpp and self.gpp_sid:
-            return {"gpp": self.gpp, "gpp_sid": self.gpp_sid}
-        if self.ct is not None and self.cv:
-            return {"ct": str(self.ct), "cv": self.cv}
-        return {}
-
-
-def lifetime_seconds(consent: Consent | None) -> int:
-    """How long an envelope lives: 15 days for California (GPP section 8), otherwise 30 days.
-
-    :param consent: the consent captured with the envelope, if any.
-    """
-    days = CALIFORNIA_LIFETIME_DAYS if consent is not None and consent.is_california else LIFETIME_DAYS
-    return days * DAY_SECONDS
-
-
-def envelope_expiry(issued_at: int, consent: Consent | None) -> int:
-    """Unix time at which an envelope issued at ``issued_at`` expires.
-
-    :param issued_at: Unix seconds of issue or last refresh.
-    :param consent: the consent captured with it (decides the California lifetime).
-    """
-    return int(issued_at) + lifetime_seconds(consent)
 
 
 # -- records and rows -------------------------------------------------------------------------
@@ -217,6 +162,7 @@ class EnvelopeRecord:
     :param issued_at: ``envelope_issued_at``, or the event time when the record has none.
     :param consent: the consent captured with the envelope, if any.
     :param client_ip: the end user's IP, if any (secret for logs).
+    :param lifetime_rule: the configured lifetime rule (the store applies its own on upsert).
     """
 
     user_key: str
@@ -224,11 +170,12 @@ class EnvelopeRecord:
     issued_at: int
     consent: Consent | None = None
     client_ip: str | None = field(default=None, repr=False)
+    lifetime_rule: LifetimeRule = LifetimeRule.CONSERVATIVE
 
     @property
     def expires_at(self) -> int:
         """Expiry under the lifetime rule."""
-        return envelope_expiry(self.issued_at, self.consent)
+        return envelope_expiry(self.issued_at, self.consent, self.lifetime_rule)
 
     @staticmethod
     def issued_at_of(pipeline: Mapping[str, Any], event_time: int, now: int) -> int:
@@ -247,7 +194,12 @@ class EnvelopeRecord:
 
     @classmethod
     def from_accepted(
-        cls, event: Mapping[str, Any], pipeline: Mapping[str, Any], event_time: int, now: int
+        cls,
+        event: Mapping[str, Any],
+        pipeline: Mapping[str, Any],
+        event_time: int,
+        now: int,
+        lifetime_rule: LifetimeRule = LifetimeRule.CONSERVATIVE,
     ) -> EnvelopeRecord | None:
         """Build the record of an accepted event, or ``None`` without both a user key and an envelope.
 
@@ -255,6 +207,7 @@ class EnvelopeRecord:
         :param pipeline: its pipeline-only fields (``user_key``, ``envelope_issued_at``, ``consent``, ``client_ip``).
         :param event_time: the event's Unix time.
         :param now: the current Unix time.
+        :param lifetime_rule: the configured lifetime rule (``EnvelopeStore.lifetime_rule``).
         """
         user_key = pipeline.get("user_key")
         envelope = (event.get("user_data") or {}).get("partner_id")
@@ -267,6 +220,7 @@ class EnvelopeRecord:
             issued_at=cls.issued_at_of(pipeline, event_time, now),
             consent=Consent.from_record(pipeline.get("consent")),
             client_ip=ip if isinstance(ip, str) and ip else None,
+            lifetime_rule=lifetime_rule,
         )
 
 
@@ -295,13 +249,14 @@ class StoredEnvelope:
     reason: str | None = None
     refresh_failures: int = 0
 
+    @property
+    def lifetime_seconds(self) -> int:
+        """The lifetime this row was given (expiry minus issue or last refresh)."""
+        return self.expires_at - self.issued_at
+
     @classmethod
     def from_row(cls, row: Any) -> StoredEnvelope:
-        consent = None
-        if row.consent_gpp and row.consent_gpp_sid:
-            consent = Consent(gpp=row.consent_gpp, gpp_sid=row.consent_gpp_sid)
-        elif row.consent_ct is not None and row.consent_cv:
-            consent = Consent(ct=int(row.consent_ct), cv=row.consent_cv)
+        consent = Consent.from_columns(row.consent_ct, row.consent_cv, row.consent_gpp, row.consent_gpp_sid)
         return cls(
             user_key=row.user_key,
             envelope=row.envelope,
@@ -315,26 +270,31 @@ class StoredEnvelope:
         )
 
 
-def _record_row(record: EnvelopeRecord, now: int) -> dict[str, Any]:
+def _record_row(record: EnvelopeRecord, now: int, rule: LifetimeRule) -> dict[str, Any]:
     consent = record.consent
+    expires_at = envelope_expiry(record.issued_at, consent, rule)
     return {
         "user_key": record.user_key,
         "user_key_hash": key_hash(record.user_key),
         "envelope": record.envelope,
         "issued_at": record.issued_at,
-        "expires_at": record.expires_at,
+        "expires_at": expires_at,
         "consent_ct": consent.ct if consent else None,
         "consent_cv": consent.cv if consent else None,
         "consent_gpp": consent.gpp if consent else None,
         "consent_gpp_sid": consent.gpp_sid if consent else None,
         "client_ip": record.client_ip,
         # An envelope that arrives already expired is stored as such (it may still be replaced).
-        "state": EXPIRED if record.expires_at <= now else (ACTIVE if consent else CONSENT_MISSING),
+        "state": _live_state(expires_at, consent, now),
         "reason": None,
         "refresh_failures": 0,
         "updated_at": now,
         "last_refresh_attempt_at": None,
     }
+
+
+def _live_state(expires_at: int, consent: Consent | None, now: int) -> str:
+    return EXPIRED if expires_at <= now else (ACTIVE if consent else CONSENT_MISSING)
 
 
 def _newest(records: Iterable[EnvelopeRecord]) -> list[EnvelopeRecord]:
@@ -348,11 +308,6 @@ def _newest(records: Iterable[EnvelopeRecord]) -> list[EnvelopeRecord]:
         if current is None or (record.issued_at, record.envelope) > (current.issued_at, current.envelope):
             best[record.user_key] = record
     return [best[key] for key in sorted(best)]
-
-
-def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,29 +329,93 @@ class EnvelopeStore:
     """Read and write the envelope store in the state database.
 
     :param engine: a SQLite or PostgreSQL engine (see :func:`~liveramp_capi.domain.statedb.make_engine`).
+    :param lifetime_rule: how envelope lifetimes are decided (every task of one state database
+        must use the same rule; :meth:`ensure_schema` re-evaluates the rows when it changes).
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, lifetime_rule: LifetimeRule = LifetimeRule.CONSERVATIVE) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
+        self.lifetime_rule = LifetimeRule(lifetime_rule)
         self._insert = upsert_insert(engine)
 
     def ensure_schema(self) -> None:
-        """Create the store's table if missing and check its schema version (idempotent, concurrent-safe)."""
-        ensure_component_schema(self.engine, [envelope_table], SCHEMA_COMPONENT, SCHEMA_VERSION)
+        """Create the store's tables if missing, check the schema version, apply the lifetime rule.
+
+        Idempotent and concurrent-safe. A store written under another rule (or before rules
+        were recorded) gets every expiry recomputed here, before any caller reads one.
+        """
+        ensure_component_schema(
+            self.engine, [envelope_table, lifetime_rule_table], SCHEMA_COMPONENT, SCHEMA_VERSION
+        )
+        self.apply_lifetime_rule()
+
+    def applied_lifetime_rule(self) -> str | None:
+        """The rule the stored expiries were computed with; None for a store never re-evaluated."""
+        with self.engine.connect() as connection:
+            return connection.execute(
+                sa.select(lifetime_rule_table.c.rule).where(lifetime_rule_table.c.id == 1)
+            ).scalar_one_or_none()
+
+    def apply_lifetime_rule(self, *, now: int | None = None, page_size: int = 2000) -> int:
+        """Recompute every row's expiry (and expired state) under :attr:`lifetime_rule` if needed.
+
+        Nothing happens when the store records this rule already. Otherwise the rows are walked
+        in ``user_key`` pages; a row whose expiry changes gets the new one, and its state follows
+        (``expired`` when the new expiry has passed, live again when a longer rule revives it).
+
+        :param now: the current Unix time.
+        :param page_size: rows read per page.
+        :return: rows changed.
+        """
+        rule = self.lifetime_rule
+        if self.applied_lifetime_rule() == rule.value:
+            return 0
+        now = _now() if now is None else int(now)
+        table = envelope_table
+        update = (
+            sa.update(table)
+            .where(table.c.user_key == sa.bindparam("k"), table.c.issued_at == sa.bindparam("issued"))
+            .values(expires_at=sa.bindparam("exp"), state=sa.bindparam("st"), updated_at=now)
+        )
+        columns = (table.c.user_key, table.c.issued_at, table.c.expires_at, table.c.state, table.c.consent_ct,
+                   table.c.consent_cv, table.c.consent_gpp, table.c.consent_gpp_sid)
+        changed = 0
+        cursor: str | None = None
+        while True:
+            query = sa.select(*columns).order_by(table.c.user_key).limit(page_size)
+            if cursor is not None:
+                query = query.where(table.c.user_key > cursor)
+            with self.engine.connect() as connection:
+                page = connection.execute(query).all()
+            if not page:
+                break
+            cursor = page[-1].user_key
+            updates = []
+            for row in page:
+                consent = Consent.from_columns(row.consent_ct, row.consent_cv, row.consent_gpp, row.consent_gpp_sid)
+                expires_at = envelope_expiry(row.issued_at, consent, rule)
+                if expires_at == row.expires_at:
+                    continue
+                state = row.state
+                if expires_at <= now:
+                    state = EXPIRED
+                elif state == EXPIRED:
+                    state = _live_state(expires_at, consent, now)
+                updates.append({"k": row.user_key, "issued": row.issued_at, "exp": expires_at, "st": state})
+            if updates:
+                changed += self._execute(update, updates)
+        statement = self._insert(lifetime_rule_table)
+        values = {"id": 1, "rule": rule.value, "applied_at": now, "rows_changed": changed}
+        statement = statement.values(**values).on_conflict_do_update(
+            index_elements=[lifetime_rule_table.c.id],
+            set_={name: getattr(statement.excluded, name) for name in ("rule", "applied_at", "rows_changed")},
+        )
+        self._execute(statement)
+        return changed
 
     def _execute(self, statement: Any, rows: list[dict[str, Any]] | None = None) -> int:
-        for attempt in range(3):
-            try:
-                with self.engine.begin() as connection:
-                    result = connection.execute(statement, rows) if rows is not None else connection.execute(statement)
-                    return int(result.rowcount or 0)
-            except DBAPIError as exc:
-                code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-                if attempt == 2 or code not in _RETRYABLE_PGCODES:
-                    raise
-                time.sleep(0.05 * (attempt + 1))
-        return 0  # pragma: no cover - the loop returns or raises
+        return execute_write(self.engine, statement, rows)
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -443,8 +462,8 @@ class EnvelopeStore:
             },
             where=newer,
         )
-        for chunk in _chunks(newest, WRITE_CHUNK):
-            self._execute(statement, [_record_row(record, now) for record in chunk])
+        for chunk in chunked(newest, WRITE_CHUNK):
+            self._execute(statement, [_record_row(record, now, self.lifetime_rule) for record in chunk])
         return len(newest)
 
     def mark_expired(self, *, now: int | None = None) -> int:
@@ -452,13 +471,38 @@ class EnvelopeStore:
 
         :param now: the current Unix time.
         """
+        return sum(self.mark_expired_by_state(now=now).values())
+
+    def mark_expired_by_state(self, *, now: int | None = None) -> dict[str, int]:
+        """Mark expired rows, counted by the state they were found in.
+
+        ``active``: nothing selected it in time (it arrived close to expiry, or no refresh ran);
+        ``refresh_failed``: every refresh tried failed; ``consent_missing``: it could not be
+        refreshed at all.
+
+        :param now: the current Unix time.
+        :return: ``{previous state: rows}``, states with no row left out.
+        """
         now = _now() if now is None else int(now)
         table = envelope_table
-        return self._execute(
-            sa.update(table)
-            .where(table.c.expires_at <= now, table.c.state != EXPIRED)
-            .values(state=EXPIRED, updated_at=now)
-        )
+        where = sa.and_(table.c.expires_at <= now, table.c.state != EXPIRED)
+        for attempt in range(3):
+            try:
+                # Read then write in one transaction: SQLite must take the write lock at BEGIN.
+                with self.engine.connect() as connection, connection.execution_options(
+                    **{SQLITE_BEGIN_IMMEDIATE: True}
+                ).begin():
+                    found = connection.execute(
+                        sa.select(table.c.state, sa.func.count()).where(where).group_by(table.c.state)
+                    ).all()
+                    connection.execute(sa.update(table).where(where).values(state=EXPIRED, updated_at=now))
+                return {state: int(count) for state, count in sorted(found)}
+            except DBAPIError as exc:
+                code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+                if attempt == 2 or code not in RETRYABLE_PGCODES:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        return {}  # pragma: no cover - the loop returns or raises
 
     def record_refreshed(self, results: Sequence[RefreshResult], *, now: int | None = None) -> int:
         """Store refreshed envelopes with a new ``issued_at`` (``now``) and expiry.
@@ -491,12 +535,12 @@ class EnvelopeStore:
                 "k": result.row.user_key,
                 "old": result.row.envelope,
                 "new": result.new_envelope,
-                "exp": envelope_expiry(now, result.row.consent),
+                "exp": envelope_expiry(now, result.row.consent, self.lifetime_rule),
             }
             for result in sorted(results, key=lambda r: r.row.user_key)
             if result.new_envelope
         ]
-        return sum(self._execute(statement, list(chunk)) for chunk in _chunks(rows, WRITE_CHUNK)) if rows else 0
+        return sum(self._execute(statement, list(chunk)) for chunk in chunked(rows, WRITE_CHUNK)) if rows else 0
 
     def record_failed(self, results: Sequence[RefreshResult], *, now: int | None = None) -> int:
         """Mark rows whose refresh failed, with the reason; the envelope itself is kept.
@@ -526,7 +570,7 @@ class EnvelopeStore:
             }
             for result in sorted(results, key=lambda r: r.row.user_key)
         ]
-        return sum(self._execute(statement, list(chunk)) for chunk in _chunks(rows, WRITE_CHUNK)) if rows else 0
+        return sum(self._execute(statement, list(chunk)) for chunk in chunked(rows, WRITE_CHUNK)) if rows else 0
 
     def forget(self, user_keys: Iterable[str]) -> int:
         """Delete the identities of these user keys (data subject erasure); return rows deleted.
@@ -536,7 +580,7 @@ class EnvelopeStore:
         keys = sorted(set(user_keys))
         table = envelope_table
         deleted = 0
-        for chunk in _chunks(keys, WRITE_CHUNK):
+        for chunk in chunked(keys, WRITE_CHUNK):
             deleted += self._execute(sa.delete(table).where(table.c.user_key.in_(list(chunk))))
         return deleted
 
@@ -564,7 +608,7 @@ class EnvelopeStore:
         table = envelope_table
         found: dict[str, StoredEnvelope] = {}
         with self.engine.connect() as connection:
-            for chunk in _chunks(keys, WRITE_CHUNK):
+            for chunk in chunked(keys, WRITE_CHUNK):
                 query = sa.select(envelope_table).where(
                     table.c.user_key.in_(list(chunk)), table.c.expires_at > now
                 )
@@ -573,30 +617,33 @@ class EnvelopeStore:
         return found
 
     @staticmethod
-    def _due_filter(now: int, horizon_seconds: int, slice_index: int, slices: int) -> sa.ColumnElement[bool]:
+    def _due_filter(now: int, remaining_share: float, slice_index: int, slices: int) -> sa.ColumnElement[bool]:
         if slices < 1 or not 0 <= slice_index < slices:
             raise ValueError("slice_index must be in 0..slices-1")
-        if horizon_seconds < 0:
-            raise ValueError("horizon_seconds must be >= 0")
+        if not 0 < remaining_share < 1:
+            raise ValueError("remaining_share must lie strictly between 0 and 1")
         table = envelope_table
+        share_ppm = round(remaining_share * 1_000_000)
         clauses = [
             table.c.expires_at > now,
-            table.c.expires_at <= now + horizon_seconds,
+            # The longest lifetime bounds the index range; the share test below is per row.
+            table.c.expires_at <= now + math.ceil(LIFETIME_DAYS * DAY_SECONDS * remaining_share),
+            (table.c.expires_at - now) * 1_000_000 <= (table.c.expires_at - table.c.issued_at) * share_ppm,
             table.c.state != EXPIRED,
         ]
         if slices > 1:
             clauses.append((table.c.user_key_hash % slices) == slice_index)
         return sa.and_(*clauses)
 
-    def count_due(self, *, now: int, horizon_seconds: int) -> dict[str, int]:
-        """Count rows expiring within the horizon (and not expired), by whether they hold consent.
+    def count_due(self, *, now: int, remaining_share: float = DEFAULT_REFRESH_REMAINING_SHARE) -> dict[str, int]:
+        """Count live rows with at most ``remaining_share`` of their lifetime left, by consent.
 
         :param now: the selection time.
-        :param horizon_seconds: how far ahead to look.
+        :param remaining_share: a row is due when ``expires_at - now <= share * its lifetime``.
         :return: ``{"due": n, "consent_missing": m}`` (``m`` is part of ``n``).
         """
         table = envelope_table
-        where = self._due_filter(now, horizon_seconds, 0, 1)
+        where = self._due_filter(now, remaining_share, 0, 1)
         query = sa.select(
             sa.func.count(),
             sa.func.coalesce(sa.func.sum(sa.case((table.c.state == CONSENT_MISSING, 1), else_=0)), 0),
@@ -609,19 +656,19 @@ class EnvelopeStore:
         self,
         *,
         now: int,
-        horizon_seconds: int,
+        remaining_share: float = DEFAULT_REFRESH_REMAINING_SHARE,
         slice_index: int = 0,
         slices: int = 1,
         page_size: int = 1000,
     ) -> Iterator[list[StoredEnvelope]]:
-        """Yield pages of rows expiring within the horizon, soonest first, for one slice.
+        """Yield pages of due rows (see :meth:`count_due`), soonest expiry first, for one slice.
 
         Keyset paging on ``(expires_at, user_key)``: memory is one page whatever the store
-        size, and rows refreshed while paging (their expiry moves past the horizon) or failed
+        size, and rows refreshed while paging (their expiry moves past the cursor) or failed
         (their key is behind the cursor) are not seen twice. Each page is its own short read.
 
         :param now: the selection time (keep it fixed for a whole run).
-        :param horizon_seconds: how far ahead to look.
+        :param remaining_share: see :meth:`count_due`.
         :param slice_index: which slice, ``0..slices-1`` (``user_key_hash % slices``).
         :param slices: how many workers share the store.
         :param page_size: rows per page.
@@ -629,7 +676,7 @@ class EnvelopeStore:
         if page_size < 1:
             raise ValueError("page_size must be >= 1")
         table = envelope_table
-        where = self._due_filter(now, horizon_seconds, slice_index, slices)
+        where = self._due_filter(now, remaining_share, slice_index, slices)
         cursor: tuple[int, str] | None = None
         while True:
             query = sa.select(envelope_table).where(where)
@@ -756,27 +803,6 @@ def resolve_session(session: Session, stored: Mapping[str, StoredEnvelope], now:
     return ResolvedSession(original, result, expired, replaced)
 
 
-def cut_resolved_batches(resolved: ResolvedSession, *, partition: str, max_events: int) -> list[Any]:
-    """Cut a resolved session into batches: ids from the spilled events, bodies with the chosen envelopes.
-
-    :param resolved: from :func:`resolve_session`.
-    :param partition: the partition name.
-    :param max_events: events per batch.
-    :return: :class:`~liveramp_capi.domain.batches.Batch` objects.
-    """
-    import dataclasses
-
-    from liveramp_capi.domain.batches import cut_batches
-
-    if resolved.original is None or resolved.resolved is None:
-        return []
-    batches = cut_batches(resolved.original, partition=partition, max_events=max_events)
-    if resolved.resolved is resolved.original:
-        return batches
-    bodies = cut_batches(resolved.resolved, partition=partition, max_events=max_events)
-    return [dataclasses.replace(batch, body=other.body) for batch, other in zip(batches, bodies, strict=True)]
-
-
 # -- the refresh run's summary ------------------------------------------------------------------
 
 
@@ -811,7 +837,7 @@ def build_refresh_summary(
         "run_date": plan.get("run_date"),
         "status": status,
         "as_of": plan.get("as_of"),
-        "horizon_days": plan.get("horizon_days"),
+        "remaining_share": plan.get("remaining_share"),
         # Rows due when the run started; slices may see a few more written meanwhile.
         "selected": int(plan.get("due", 0)),
         "selected_by_slices": sum(int(result.get("selected", 0)) for result in results),
@@ -822,7 +848,11 @@ def build_refresh_summary(
         "attempted": attempted,
         "failure_ratio": round(ratio, 4),
         "max_failure_ratio": max_failure_ratio,
-        "newly_expired": int(plan.get("newly_expired", 0)),
+        # Envelopes found already expired by this run: conversions of these users are held until
+        # a fresher envelope arrives. By the state they were in: active (nothing refreshed them in
+        # time), refresh_failed, consent_missing (never refreshable).
+        "expired_when_found": int(plan.get("newly_expired", 0)),
+        "expired_when_found_by_state": dict(plan.get("newly_expired_by_state", {})),
         "requests": sum(int(result.get("requests", 0)) for result in results),
         "retries": sum(int(result.get("retries", 0)) for result in results),
         "slices": {"planned": int(plan["slices"]), "reported": len(reported), "missing": missing},

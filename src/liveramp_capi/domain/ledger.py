@@ -163,7 +163,12 @@ def _check_version(connection: Connection, component: str, version: int) -> None
             f"the state database holds {component.replace('_', ' ')} schema version {found}; this code "
             f"knows up to {version}: upgrade the liveramp-capi package"
         )
-    # found < version: future upgrade steps go here, in order, inside this lock.
+    elif found < version:
+        # The component's own upgrade steps run after this (e.g. the envelope store re-evaluates
+        # its expiries); the tables themselves only gain new tables, created above.
+        connection.execute(
+            sa.update(table).where(table.c.component == component).values(version=version, updated_at=_now())
+        )
 
 
 def _unique_sorted(items: Iterable[_T], batch_of: Callable[[_T], Batch]) -> list[_T]:
@@ -250,6 +255,25 @@ class DeliveryLedger:
         query = sa.select(ledger_table.c.batch_id, ledger_table.c.run_id).where(where)
         with self.engine.connect() as connection:
             return {batch_id: run_id for batch_id, run_id in connection.execute(query)}
+
+    def acknowledged_among(self, partition: str, batch_ids: Iterable[str]) -> set[str]:
+        """Return which of these batch ids the partition's ledger holds as acknowledged.
+
+        :param partition: partition name.
+        :param batch_ids: the ids to look up (looked up 500 at a time).
+        """
+        table = ledger_table
+        ids = sorted(set(batch_ids))
+        found: set[str] = set()
+        with self.engine.connect() as connection:
+            for start in range(0, len(ids), 500):
+                query = sa.select(table.c.batch_id).where(
+                    table.c.partition == partition,
+                    table.c.state == ACKNOWLEDGED,
+                    table.c.batch_id.in_(ids[start : start + 500]),
+                )
+                found.update(connection.execute(query).scalars())
+        return found
 
     def unresolved_batches(self, partition: str, shard: int, shard_count: int) -> list[str]:
         """Return ids of the shard's batches left ``in_flight`` (their outcome is unknown).

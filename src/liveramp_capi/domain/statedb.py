@@ -9,11 +9,13 @@ from __future__ import annotations
 import random
 import sqlite3
 import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import DBAPIError
 
 #: How long an SQLite writer waits for another writer's lock before giving up.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -146,3 +148,36 @@ def upsert_insert(engine: Engine) -> Any:
     else:
         raise ValueError(f"unsupported state database dialect: {dialect}")
     return insert
+
+
+# PostgreSQL: deadlock / serialization failure. Writers lock rows in key order, but a retry keeps
+# the rare abort left from failing a task.
+RETRYABLE_PGCODES = frozenset({"40P01", "40001"})
+
+
+def execute_write(engine: Engine, statement: Any, rows: list[dict[str, Any]] | None = None) -> int:
+    """Run one write in its own transaction (executemany with ``rows``); return the rows affected.
+
+    Retried up to twice on a PostgreSQL deadlock or serialization failure.
+
+    :param engine: the state database engine.
+    :param statement: an insert, update or delete.
+    :param rows: parameter sets for executemany, or None.
+    """
+    for attempt in range(3):
+        try:
+            with engine.begin() as connection:
+                result = connection.execute(statement, rows) if rows is not None else connection.execute(statement)
+                return int(result.rowcount or 0)
+        except DBAPIError as exc:
+            code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+            if attempt == 2 or code not in RETRYABLE_PGCODES:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    return 0  # pragma: no cover - the loop returns or raises
+
+
+def chunked(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    """Consecutive slices of at most ``size`` items (bounded statements on both backends)."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

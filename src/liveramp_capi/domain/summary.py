@@ -23,6 +23,7 @@ SHARD_COUNTERS: tuple[str, ...] = (
     "failed_batches",
     "envelope_expired_events",
     "envelope_replaced_events",
+    "envelope_held_earlier_events",
     "batches_sent",
     "unknown_outcome_batches",
     "requests",

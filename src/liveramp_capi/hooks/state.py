@@ -11,9 +11,12 @@ from typing import Any
 from urllib.parse import quote
 
 from airflow.sdk import BaseHook
+from airflow.sdk.exceptions import AirflowFailException
 from sqlalchemy.engine import Engine
 
+from liveramp_capi.domain.consent import LifetimeRule
 from liveramp_capi.domain.envelopes import EnvelopeStore
+from liveramp_capi.domain.held import HeldConversions
 from liveramp_capi.domain.ledger import DeliveryLedger
 from liveramp_capi.domain.statedb import make_engine
 
@@ -25,7 +28,10 @@ class CapiStateHook(BaseHook):
 
     Connection fields: ``host`` is an SQLite file path or a PostgreSQL host, ``schema`` the
     PostgreSQL database, ``login``/``password``/``port`` as usual. An ``sqlalchemy_url`` in the
-    extra overrides everything.
+    extra overrides everything. ``envelope_lifetime_rule`` in the extra chooses how envelope
+    lifetimes are decided (``conservative``, the default, or ``no_california_traffic``; see
+    :mod:`liveramp_capi.domain.consent`): it lives with the state database because every task
+    that reads or writes the envelope store must apply the same rule.
 
     :param capi_state_conn_id: the Airflow connection id.
     """
@@ -90,11 +96,29 @@ class CapiStateHook(BaseHook):
         ledger.ensure_schema()
         return ledger
 
+    def lifetime_rule(self) -> LifetimeRule:
+        """The connection's ``envelope_lifetime_rule`` (default ``conservative``).
+
+        :raises AirflowFailException: for an unknown rule name (the message lists the accepted
+            ones): retrying cannot heal a configuration error.
+        """
+        conn = self.get_connection(self.capi_state_conn_id)
+        try:
+            return LifetimeRule.parse(conn.extra_dejson.get("envelope_lifetime_rule"))
+        except ValueError as err:
+            raise AirflowFailException(f"connection {self.capi_state_conn_id!r}: {err}") from None
+
     def get_envelope_store(self) -> EnvelopeStore:
-        """Return the envelope store, its schema created if missing."""
-        store = EnvelopeStore(self.get_engine())
+        """Return the envelope store, its schema created if missing and its lifetime rule applied."""
+        store = EnvelopeStore(self.get_engine(), self.lifetime_rule())
         store.ensure_schema()
         return store
+
+    def get_held_conversions(self) -> HeldConversions:
+        """Return the held conversions table, its schema created if missing."""
+        held = HeldConversions(self.get_engine())
+        held.ensure_schema()
+        return held
 
     def get_conn(self) -> Engine:
         """Return the engine (Airflow's generic accessor)."""

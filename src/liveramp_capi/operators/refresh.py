@@ -96,14 +96,15 @@ class PlanEnvelopeRefreshOperator(BaseOperator):
 
     :param run_date: the run's date, ``YYYY-MM-DD`` (templated; names the output folder).
     :param output_root: URL of the output root (templated).
-    :param horizon_days: refresh envelopes expiring within this many days (templated).
+    :param remaining_share: refresh an envelope once at most this share of its own lifetime is
+        left (templated; default a third: a 15-day envelope from day 10, a 30-day one from day 20).
     :param slices: how many slice tasks share the work; 0 chooses from the due count (templated).
     :param rows_per_slice: target due rows per slice when ``slices`` is 0.
     :param max_slices: upper bound of the automatic slice count.
     :param capi_state_conn_id: the state database connection.
     """
 
-    template_fields: Sequence[str] = ("run_date", "output_root", "horizon_days", "slices")
+    template_fields: Sequence[str] = ("run_date", "output_root", "remaining_share", "slices")
     ui_color = "#e8f0fe"
 
     def __init__(
@@ -111,7 +112,7 @@ class PlanEnvelopeRefreshOperator(BaseOperator):
         *,
         run_date: str,
         output_root: str,
-        horizon_days: float | str = 7,
+        remaining_share: float | str = 1 / 3,
         slices: int | str = 0,
         rows_per_slice: int = 50_000,
         max_slices: int = 64,
@@ -121,25 +122,22 @@ class PlanEnvelopeRefreshOperator(BaseOperator):
         super().__init__(**kwargs)
         self.run_date = run_date
         self.output_root = output_root
-        self.horizon_days = horizon_days
+        self.remaining_share = remaining_share
         self.slices = slices
         self.rows_per_slice = rows_per_slice
         self.max_slices = max_slices
         self.capi_state_conn_id = capi_state_conn_id
 
     def execute(self, context: Any) -> list[dict[str, Any]]:
-        from liveramp_capi.domain.envelopes import DAY_SECONDS
-
-        horizon_days = _as_float("horizon_days", self.horizon_days, 0, 30)
+        share = _as_float("remaining_share", self.remaining_share, 0.01, 0.99)
         requested = int(_as_float("slices", self.slices, 0, 1024))
         with permanent_config_errors():
             folder = _RunFolder(self.output_root, self.run_date)
         store = _store(self.capi_state_conn_id)
         as_of = int(time.time())
-        horizon_seconds = int(horizon_days * DAY_SECONDS)
-        newly_expired = store.mark_expired(now=as_of)
-        metrics.envelopes_expired(newly_expired)
-        due = store.count_due(now=as_of, horizon_seconds=horizon_seconds)
+        newly_expired = store.mark_expired_by_state(now=as_of)
+        metrics.envelopes_expired(sum(newly_expired.values()))
+        due = store.count_due(now=as_of, remaining_share=share)
         if requested:
             slices = requested
         else:
@@ -147,28 +145,31 @@ class PlanEnvelopeRefreshOperator(BaseOperator):
         plan = {
             "run_date": folder.run_date,
             "as_of": as_of,
-            "horizon_days": horizon_days,
-            "horizon_seconds": horizon_seconds,
+            "remaining_share": share,
+            "lifetime_rule": store.lifetime_rule.value,
             "slices": slices,
             "due": due["due"],
             "due_without_consent": due["consent_missing"],
-            "newly_expired": newly_expired,
+            "newly_expired": sum(newly_expired.values()),
+            "newly_expired_by_state": newly_expired,
             "store_rows_by_state": store.counts_by_state(),
         }
         # A rerun of the day starts clean: slice results of an earlier try would be double counted.
         folder.clear(_SLICES_DIR)
         folder.write_json(_PLAN, plan)
         self.log.info(
-            "Envelope refresh %s: %d rows due within %.1f days (%d without consent), %d newly expired, %d slices",
+            "Envelope refresh %s: %d rows due (at most %.0f%% of their lifetime left; %d without consent), "
+            "%d found already expired %s, %d slices",
             folder.run_date,
             due["due"],
-            horizon_days,
+            share * 100,
             due["consent_missing"],
+            sum(newly_expired.values()),
             newly_expired,
             slices,
         )
         return [
-            {"slice_index": index, "slices": slices, "as_of": as_of, "horizon_seconds": horizon_seconds}
+            {"slice_index": index, "slices": slices, "as_of": as_of, "remaining_share": share}
             for index in range(slices)
         ]
 
@@ -183,7 +184,7 @@ class RefreshEnvelopesOperator(BaseOperator):
     :param slice_index: this task's slice (from the plan).
     :param slices: how many slices the run has.
     :param as_of: the run's selection time (Unix seconds).
-    :param horizon_seconds: the selection horizon.
+    :param remaining_share: the plan's selection share.
     :param run_date: the run's date (templated).
     :param output_root: URL of the output root (templated).
     :param page_size: rows per store page.
@@ -200,7 +201,7 @@ class RefreshEnvelopesOperator(BaseOperator):
         slice_index: int,
         slices: int,
         as_of: int,
-        horizon_seconds: int,
+        remaining_share: float,
         run_date: str,
         output_root: str,
         page_size: int = 1000,
@@ -212,7 +213,7 @@ class RefreshEnvelopesOperator(BaseOperator):
         self.slice_index = slice_index
         self.slices = slices
         self.as_of = as_of
-        self.horizon_seconds = horizon_seconds
+        self.remaining_share = remaining_share
         self.run_date = run_date
         self.output_root = output_root
         self.page_size = page_size
@@ -242,7 +243,7 @@ class RefreshEnvelopesOperator(BaseOperator):
             nonlocal selected
             for page in store.iter_due(
                 now=as_of,
-                horizon_seconds=int(self.horizon_seconds),
+                remaining_share=float(self.remaining_share),
                 slice_index=index,
                 slices=slices,
                 page_size=self.page_size,
@@ -336,6 +337,7 @@ class ReportEnvelopeRefreshOperator(BaseOperator):
         import json
 
         from liveramp_capi.domain.envelopes import build_refresh_summary
+        from liveramp_capi.domain.held import HELD_RECOVERY_FILE
 
         max_ratio = _as_float("max_failure_ratio", self.max_failure_ratio, 0, 1)
         with permanent_config_errors():
@@ -352,6 +354,8 @@ class ReportEnvelopeRefreshOperator(BaseOperator):
         attempts = store.attempts_since(int(plan["as_of"]))
         summary = build_refresh_summary(plan, results, attempts, max_failure_ratio=max_ratio)
         summary["run_id"] = context.get("run_id")
+        if folder.exists(HELD_RECOVERY_FILE):
+            summary["held_conversions"] = folder.read_json(HELD_RECOVERY_FILE)
         folder.write_json("summary.json", summary)
         self.log.info("Envelope refresh %s summary: %s", folder.run_date, json.dumps(summary, sort_keys=True))
         if summary["status"] == "failure_ratio_exceeded":

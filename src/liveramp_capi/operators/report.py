@@ -50,6 +50,7 @@ class ReportConversionsOperator(BaseOperator):
         self.capi_state_conn_id = capi_state_conn_id
 
     def execute(self, context: Any) -> dict[str, Any]:
+        from liveramp_capi.domain.held import HELD_RECOVERY_FILE
         from liveramp_capi.domain.summary import build_summary
         from liveramp_capi.hooks.state import CapiStateHook
         from liveramp_capi.operators.partition_claim import open_lease, run_owner, try_claim
@@ -68,6 +69,9 @@ class ReportConversionsOperator(BaseOperator):
             run_id=context.get("run_id"),
             unfinished_tasks=_unfinished_upstream(context, self.task_id),
         )
+        # Conversions of earlier partitions won back (or lost) by this run's recover_held task.
+        if storage.exists(layout.work(HELD_RECOVERY_FILE)):
+            summary["held_conversions"] = storage.read_json(layout.work(HELD_RECOVERY_FILE))
         # The run's own summary is always kept in its work folder; the partition's deliverables
         # are replaced only by the run that owns the partition, never by a run that lost it.
         storage.write_json(layout.work(layout.summary), summary)

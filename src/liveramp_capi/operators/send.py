@@ -89,6 +89,7 @@ class SendConversionsOperator(BaseOperator):
                 check_reachable(state.get_engine())
             ledger = state.get_ledger()
             envelope_store = state.get_envelope_store()
+            held = state.get_held_conversions()
         except StateDatabaseUnavailable as err:
             raise AirflowException(f"state database unavailable, nothing sent: {err}") from None
         except SQLAlchemyError as err:
@@ -105,7 +106,7 @@ class SendConversionsOperator(BaseOperator):
         max_events = int(self.max_batch_events or settings.max_batch_events)
 
         with holding_partition(state, partition, context) as claim:
-            return self._deliver(context, storage, ledger, envelope_store, capi, claim, shard, max_events, run_id)
+            return self._deliver(context, storage, ledger, envelope_store, held, capi, claim, shard, max_events, run_id)
 
     def _deliver(
         self,
@@ -113,6 +114,7 @@ class SendConversionsOperator(BaseOperator):
         storage: Any,
         ledger: Any,
         envelope_store: Any,
+        held: Any,
         capi: Any,
         claim: Any,
         shard: int,
@@ -124,7 +126,7 @@ class SendConversionsOperator(BaseOperator):
         import orjson
 
         from liveramp_capi.domain.batches import Batch
-        from liveramp_capi.domain.envelopes import cut_resolved_batches, resolve_session
+        from liveramp_capi.domain.send_plan import plan_session
         from liveramp_capi.domain.sessions import read_shard, sessionise
         from liveramp_capi.domain.summary import SHARD_COUNTERS
 
@@ -162,6 +164,10 @@ class SendConversionsOperator(BaseOperator):
             {entry.user_key for session in sessions for entry in session.entries if entry.user_key}, now=now
         )
         expired_lines: list[bytes] = []
+        # Events held by an earlier run belong to the held table (recovery delivers them);
+        # events held now are recorded there before any batch of their session is sent.
+        held_index = held.shard_index(partition, shard, shard_count)
+        pending_holds: list[Any] = []
 
         counts: Counter[str] = Counter(
             sessions=len(sessions), unknown_outcome_batches=len(unknown_outcome)
@@ -178,38 +184,12 @@ class SendConversionsOperator(BaseOperator):
             group: list[Batch] = []
             for session in sessions:
                 counts["events"] += len(session.entries)
-                resolved = resolve_session(session, stored, now)
-                counts["envelope_replaced_events"] += resolved.replaced
-                for entry in resolved.expired:
-                    counts["envelope_expired_events"] += 1
-                    expired_lines.append(
-                        b"".join(
-                            (
-                                orjson.dumps(
-                                    {
-                                        "partition": partition,
-                                        "shard": shard,
-                                        "event_id": entry.event_id,
-                                        "code": "envelope_expired",
-                                        "reason": "envelope expired",
-                                        "envelope_expires_at": entry.envelope_expires_at,
-                                    }
-                                )[:-1],
-                                b',"record":',
-                                entry.event_json,
-                                b"}",
-                            )
-                        )
-                    )
-                # Batch ids come from the events as spilled, so a store refreshed between two
-                # runs does not change them (the ledger still recognises what was acknowledged).
-                for batch in cut_resolved_batches(resolved, partition=partition, max_events=max_events):
-                    if batch.batch_id in acknowledged:
-                        by_this_run = (acknowledged[batch.batch_id] or "").startswith(this_run)
-                        counts["delivered_earlier_tries_events" if by_this_run else "previously_delivered_events"] += (
-                            batch.event_count
-                        )
-                        continue
+                plan = plan_session(session, stored, now, partition=partition, max_events=max_events,
+                                    acknowledged=acknowledged, held=held_index, this_run=this_run)
+                plan.add_counts(counts)
+                pending_holds.extend(plan.hold)
+                expired_lines.extend(plan.expired_lines(partition, shard))
+                for batch in plan.batches:
                     if abort:
                         # The endpoint refused the configuration itself: nothing more is sent.
                         counts["not_sent_events"] += batch.event_count
@@ -220,10 +200,17 @@ class SendConversionsOperator(BaseOperator):
                         group = []
             if group:
                 yield from _in_flight(group)
+            flush_holds()
+
+        def flush_holds() -> None:
+            if pending_holds:
+                held.hold(partition, pending_holds, now=now)
+                pending_holds.clear()
 
         def _in_flight(group: list[Batch]) -> Iterator[Batch]:
             # A run that lost its claim to another run must not put one more batch on the wire.
             claim.ensure_held()
+            flush_holds()
             ledger.mark_in_flight(partition, group, run_id)
             for batch in group:
                 if abort:

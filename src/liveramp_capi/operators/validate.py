@@ -179,7 +179,7 @@ class ValidateConversionsOperator(BaseOperator):
                         if isinstance(outcome, Accepted):
                             pipeline = outcome.pipeline
                             envelope = EnvelopeRecord.from_accepted(
-                                outcome.event, pipeline, outcome.event_time, now
+                                outcome.event, pipeline, outcome.event_time, now, envelope_store.lifetime_rule
                             )
                             shards.write(
                                 session_grouping_key(outcome.event, pipeline.get("session_id")),
