@@ -10,6 +10,8 @@ import sqlite3
 import pytest
 from console_support import sample_secrets, token_for
 
+from liveramp_capi.domain.partition import PartitionLayout, run_key
+
 pytestmark = pytest.mark.airflow
 
 ROUTES = [
@@ -131,14 +133,12 @@ def test_task_tab_of_the_failed_send_task_shows_its_shard(api_client, console_wo
     [send] = detail["rerun"]["clear_tasks"]
     task = _get(api_client, "api/task", run_id=run_id, task_id="send", map_index=send["map_index"]).json()
     assert task["task"]["state"] == "failed"
-    validation = json.loads(
-        (console_world.root / "output" / f"dt={console_world.refused}" / "_work" / "validation.json").read_text()
-    )
+    # The run's own hand-over files, in its work folder.
+    layout = PartitionLayout(console_world.refused, run_key(run_id))
+    folder = console_world.root / "output" / layout.folder
+    validation = json.loads((folder / layout.validation).read_text())
     shard = validation["shards"][send["map_index"]]
-    result = json.loads(
-        (console_world.root / "output" / f"dt={console_world.refused}" / "_work" / "results" / f"shard-{shard:05d}.json")
-        .read_text()
-    )
+    result = json.loads((folder / layout.result(shard)).read_text())
     assert task["shard_result"]["shard"] == shard
     assert task["shard_result"]["shard_count"] == validation["shard_count"]
     for key in ("events", "delivered_events", "failed_events", "failed_batches", "requests"):

@@ -58,7 +58,7 @@ def test_envelope_health_matches_the_rows(engine):
     ]
     store.upsert(records, now=NOW)
     store.mark_expired(now=NOW)
-    health = reads.envelope_health(engine, now=NOW, horizon_days=7)
+    health = reads.envelope_health(engine, now=NOW, remaining_share=1 / 3)
 
     with engine.connect() as connection:
         rows = connection.execute(sa.select(envelope_table.c.issued_at, envelope_table.c.expires_at, envelope_table.c.state)).all()
@@ -68,7 +68,7 @@ def test_envelope_health_matches_the_rows(engine):
     assert {(c["lifetime_days"], c["age_from_days"] // 5): c["envelopes"] for c in health["histogram"]} == dict(cells)
     assert health["lifetimes_days"] == [15, 30]
     assert health["expired"] == sum(1 for _, expires, state in rows if state == "expired" or expires <= NOW) > 0
-    assert health["due_for_refresh"] == store.count_due(now=NOW, horizon_seconds=7 * DAY)["due"] > 0
+    assert health["due_for_refresh"] == store.count_due(now=NOW, remaining_share=1 / 3)["due"] > 0
     assert health["consent_missing"] == health["by_state"].get("consent_missing", 0) > 0
 
 
@@ -115,4 +115,4 @@ def test_ledger_counts_and_failed_batches_per_shard(engine):
 def test_reads_of_a_database_without_tables(engine):
     assert reads.ledger_counts(engine, ["2026-11-30"]) == {}
     assert reads.failed_batches(engine, "2026-11-30") == {"total": 0, "batches": []}
-    assert reads.envelope_health(engine, now=NOW, horizon_days=7)["total"] == 0
+    assert reads.envelope_health(engine, now=NOW, remaining_share=1 / 3)["total"] == 0

@@ -25,6 +25,7 @@ from liveramp_capi.console import reads, runs
 from liveramp_capi.console.partitions import daily_series, partition_detail, partition_rows, task_detail
 from liveramp_capi.console.plugin import URL_PREFIX
 from liveramp_capi.console.summaries import OutputRoot
+from liveramp_capi.domain.envelopes import DEFAULT_REFRESH_REMAINING_SHARE
 from liveramp_capi.domain.partition import InvalidPartition, parse_partition
 
 STATE_CONN_ID = "capi_state_default"
@@ -61,13 +62,13 @@ HEALTH_TTL_SECONDS = 60.0
 _health_cache: dict[tuple[str, int], tuple[float, dict[str, Any]]] = {}
 
 
-def envelope_health(engine: Engine, horizon_days: int) -> dict[str, Any]:
-    """:func:`reads.envelope_health`, reused for :data:`HEALTH_TTL_SECONDS` per database and horizon."""
-    key = (str(engine.url), horizon_days)
+def envelope_health(engine: Engine, remaining_share: float) -> dict[str, Any]:
+    """:func:`reads.envelope_health`, reused for :data:`HEALTH_TTL_SECONDS` per database and refresh rule."""
+    key = (str(engine.url), remaining_share)
     cached = _health_cache.get(key)
     if cached and time.monotonic() - cached[0] < HEALTH_TTL_SECONDS:
         return dict(cached[1])
-    health = reads.envelope_health(engine, now=int(time.time()), horizon_days=horizon_days)
+    health = reads.envelope_health(engine, now=int(time.time()), remaining_share=remaining_share)
     _health_cache[key] = (time.monotonic(), health)
     return dict(health)
 
@@ -175,8 +176,11 @@ def create_app() -> FastAPI:
 
     @app.get("/api/envelopes", dependencies=[_read_refresh_runs])
     def envelopes(session: SessionDep) -> dict[str, Any]:
-        horizon = int(_variable("capi_envelope_refresh_horizon_days", "7"))
-        health = envelope_health(state_engine(), horizon)
+        try:
+            share = float(_variable("capi_envelope_refresh_remaining_share", str(DEFAULT_REFRESH_REMAINING_SHARE)))
+        except ValueError:
+            share = DEFAULT_REFRESH_REMAINING_SHARE  # the refresh DAG itself reports a malformed value
+        health = envelope_health(state_engine(), share if 0 < share < 1 else DEFAULT_REFRESH_REMAINING_SHARE)
         health["last_refresh"] = output_root().latest_refresh_summary()
         health["last_refresh_run"] = runs.last_run(session, runs.ENVELOPE_REFRESH_DAG_ID)
         return health

@@ -207,7 +207,7 @@ def task_detail(
     )
     detail["task"] = task
     if task_id == runs.SEND_TASK_ID and map_index >= 0:
-        result = output.shard_result(run.partition, map_index)
+        result = output.shard_result(run.partition, map_index, run_id)
         detail["shard_result"] = result
         if result and isinstance(result.get("shard_count"), int) and result["shard_count"] > 0:
             detail["shard_failed_batches"] = reads.failed_batches(

@@ -113,7 +113,7 @@ def failed_batches(
     }
 
 
-def envelope_health(engine: Engine, *, now: int, horizon_days: int) -> dict[str, Any]:
+def envelope_health(engine: Engine, *, now: int, remaining_share: float) -> dict[str, Any]:
     """The envelope store at a glance: size, states, ages against each row's own lifetime.
 
     The lifetime of a row is read from its columns (``expires_at - issued_at``), never
@@ -121,11 +121,12 @@ def envelope_health(engine: Engine, *, now: int, horizon_days: int) -> dict[str,
 
     :param engine: the state database.
     :param now: the current Unix time.
-    :param horizon_days: the refresh horizon (rows expiring within it are "due").
+    :param remaining_share: the refresh rule: a row is due when at most this share of its own
+        lifetime is left (the refresh DAG's ``capi_envelope_refresh_remaining_share``).
     """
     empty: dict[str, Any] = {
         "total": 0, "by_state": {}, "expired": 0, "due_for_refresh": 0, "due_without_consent": 0,
-        "consent_missing": 0, "histogram": [], "lifetimes_days": [], "horizon_days": horizon_days,
+        "consent_missing": 0, "histogram": [], "lifetimes_days": [], "remaining_share": remaining_share,
     }
     if not _has_table(engine, envelope_table):
         return empty
@@ -133,8 +134,12 @@ def envelope_health(engine: Engine, *, now: int, horizon_days: int) -> dict[str,
     lifetime_days = ((table.c.expires_at - table.c.issued_at) // DAY_SECONDS).label("lifetime_days")
     age_bucket = ((sa.literal(now) - table.c.issued_at) // (AGE_BUCKET_DAYS * DAY_SECONDS)).label("age_bucket")
     is_expired = sa.or_(table.c.state == EXPIRED, table.c.expires_at <= now)
+    # The same rule as the refresh selection (EnvelopeStore.count_due), per row's own lifetime.
     is_due = sa.and_(
-        table.c.state != EXPIRED, table.c.expires_at > now, table.c.expires_at <= now + horizon_days * DAY_SECONDS
+        table.c.state != EXPIRED,
+        table.c.expires_at > now,
+        (table.c.expires_at - now) * 1_000_000
+        <= (table.c.expires_at - table.c.issued_at) * round(remaining_share * 1_000_000),
     )
     histogram_query = (
         sa.select(

@@ -17,7 +17,7 @@ from typing import Any
 
 from airflow.sdk import ObjectStoragePath
 
-from liveramp_capi.domain.partition import PartitionLayout
+from liveramp_capi.domain.partition import PartitionLayout, run_key
 
 _PARTITION_FOLDER = re.compile(r"\Adt=(\d{4}-\d{2}-\d{2})\Z")
 _RUN_DATE = re.compile(r"\A\d{4}-\d{2}-\d{2}\Z")
@@ -77,13 +77,14 @@ class OutputRoot:
         path = self.root / PartitionLayout(partition).folder / PartitionLayout.summary
         return _read_json(path)
 
-    def shard_result(self, partition: str, map_index: int) -> dict[str, Any] | None:
-        """The counters of the ``send`` task with ``map_index`` (redacted), with its shard number.
+    def shard_result(self, partition: str, map_index: int, run_id: str) -> dict[str, Any] | None:
+        """The counters of run ``run_id``'s ``send`` task with ``map_index`` (redacted), with its shard number.
 
         ``send`` is mapped over the validation's non-empty shards, so map index ``i`` sends
-        shard ``shards[i]``. None when the hand-over files are gone (purged) or not written yet.
+        shard ``shards[i]``. Each run keeps its hand-over files in its own work folder. None when
+        they are gone (a later run of the partition removed them) or not written yet.
         """
-        layout = PartitionLayout(partition)
+        layout = PartitionLayout(partition, run_key(run_id))
         validation = _read_json(self.root / layout.folder / layout.validation)
         shards = (validation or {}).get("shards")
         if not isinstance(shards, list) or not 0 <= map_index < len(shards):

@@ -288,7 +288,7 @@
       const last = h.last_refresh, lastRun = h.last_refresh_run;
       show(nav("envelopes"), el("h1", {}, "Envelope health"),
         el("div", { class: "cards" },
-          card("envelopes stored", num(h.total)), card("due for refresh", num(h.due_for_refresh), `expiring within ${h.horizon_days} days`),
+          card("envelopes stored", num(h.total)), card("due for refresh", num(h.due_for_refresh), `under ${Math.round(h.remaining_share * 100)}% of their lifetime left`),
           card("expired", num(h.expired), null, h.expired ? "bad" : ""), card("consent missing", num(h.consent_missing), "skipped by the refresh"),
           ...Object.entries(h.by_state).map(([state, n]) => card(`state: ${state}`, num(n)))),
         el("h3", {}, "Age since issue, by lifetime (red: past the lifetime)"),
