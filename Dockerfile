@@ -20,9 +20,9 @@ COPY --chown=airflow:0 pyproject.toml README.md /opt/capi/
 COPY --chown=airflow:0 src /opt/capi/src
 RUN pip install --no-cache-dir --no-deps /opt/capi
 
-# DAGs, the event schema, the sample partition and the local stand-in of LiveRamp.
+# DAGs, the console plugin, the sample partition and the local stand-in of LiveRamp (the event
+# schema ships inside the package).
 COPY --chown=airflow:0 dags /opt/airflow/dags
 COPY --chown=airflow:0 plugins /opt/airflow/plugins
 COPY --chown=airflow:0 include /opt/airflow/include
-ENV CAPI_SCHEMA_PATH=/opt/airflow/include/schemas/tiktok_event.schema.json \
-    PYTHONPATH=/opt/airflow/include
+ENV PYTHONPATH=/opt/airflow/include

@@ -117,7 +117,6 @@ def environment(api_port: int = 8080) -> dict[str, str]:
             # the UI reaches nothing outside this machine. Leave it disabled in production unless
             # the UI's users may make the workers open arbitrary connections.
             "AIRFLOW__CORE__TEST_CONNECTION": "Enabled",
-            "CAPI_SCHEMA_PATH": str(REPO / "include" / "schemas" / "tiktok_event.schema.json"),
         }
     )
     for name in list(env):

@@ -326,7 +326,6 @@ def _airflow_env(home: Path, root: Path, standin_url: str, concurrency: int) -> 
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
-            "CAPI_SCHEMA_PATH": str(REPO / "include" / "schemas" / "tiktok_event.schema.json"),
             # dag.test() in Airflow 3.3.2 crashes on a successful run of a DAG with a deadline alert.
             "CAPI_PARTITION_DEADLINE_MINUTES": "0",
             "AIRFLOW_CONN_LIVERAMP_CAPI_DEFAULT": json.dumps(

@@ -55,7 +55,6 @@ def _environment(port: int) -> dict[str, str]:
             "AIRFLOW_VAR_CAPI_OUTPUT_ROOT": f"file://{DEMO / 'output'}",
             # The sample holds a handful of deliberately invalid records among ~60.
             "AIRFLOW_VAR_CAPI_MAX_INVALID_RATIO": "0.25",
-            "CAPI_SCHEMA_PATH": str(REPO / "include" / "schemas" / "tiktok_event.schema.json"),
             # The envelope refresh API of the same stand-in (pid and origin are placeholders).
             "AIRFLOW_CONN_LIVERAMP_ENVELOPE_DEFAULT": json.dumps(
                 {

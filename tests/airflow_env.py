@@ -32,7 +32,6 @@ os.environ.update(
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         # dag.test() in Airflow 3.3.2 crashes on a successful run of a DAG with a deadline alert.
         "CAPI_PARTITION_DEADLINE_MINUTES": "0",
-        "CAPI_SCHEMA_PATH": str(REPO / "include" / "schemas" / "tiktok_event.schema.json"),
     }
 )
 

@@ -185,7 +185,6 @@ class Deployment:
                 "AIRFLOW_VAR_CAPI_EVENTS_PER_SHARD": str(self.events_per_shard),
                 # A second run of a partition waits for the first one's claim; ask every 2 s.
                 "AIRFLOW_VAR_CAPI_PARTITION_CLAIM_POLL_SECONDS": "2",
-                "CAPI_SCHEMA_PATH": str(REPO / "include" / "schemas" / "tiktok_event.schema.json"),
                 # Off: Airflow 3.3.2 cannot clear tasks of a run with a pending queued-at deadline.
                 "CAPI_PARTITION_DEADLINE_MINUTES": "0",
             }

@@ -11,11 +11,8 @@ import pytest
 
 from liveramp_capi.domain.events import PIPELINE_FIELDS, pipeline_fields
 from liveramp_capi.domain.schema import (
-    SCHEMA_PATH_ENV,
     EventSchemaValidator,
-    SchemaNotFoundError,
     fast_schema,
-    find_schema_path,
     load_event_schema,
 )
 
@@ -276,14 +273,20 @@ def test_schema_declares_the_full_currency_list() -> None:
     assert "HRK" not in codes  # withdrawn 2023
 
 
-def test_schema_path_env_var(tmp_path, monkeypatch) -> None:
+def test_the_schema_ships_in_the_package_and_a_file_may_replace_it(tmp_path) -> None:
+    from importlib import resources
+
+    packaged = resources.files("liveramp_capi.schemas").joinpath("tiktok_event.schema.json")
+    assert json.loads(packaged.read_text(encoding="utf-8")) == load_event_schema()
+    edited = load_event_schema()
+    edited["$defs"]["currency"]["enum"] = ["USD"]
     copy_path = tmp_path / "schema.json"
-    copy_path.write_text(json.dumps(load_event_schema()))
-    monkeypatch.setenv(SCHEMA_PATH_ENV, str(copy_path))
-    assert find_schema_path() == copy_path
-    monkeypatch.setenv(SCHEMA_PATH_ENV, str(tmp_path / "missing.json"))
-    with pytest.raises(SchemaNotFoundError, match=SCHEMA_PATH_ENV):
-        find_schema_path()
+    copy_path.write_text(json.dumps(edited))
+    assert load_event_schema(copy_path)["$defs"]["currency"]["enum"] == ["USD"]
+    # Copies are private: editing one never changes what the next caller gets.
+    assert len(load_event_schema()["$defs"]["currency"]["enum"]) > 1
+    with pytest.raises(FileNotFoundError):
+        load_event_schema(tmp_path / "missing.json")
 
 
 # ------------------------------------------------------------------ differential corpus

@@ -17,8 +17,8 @@ import copy
 import difflib
 import functools
 import json
-import os
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,6 @@ import jsonschema_rs
 from jsonschema.exceptions import ValidationError, best_match, by_relevance
 
 from liveramp_capi.domain.violations import Violation
-
-SCHEMA_PATH_ENV = "CAPI_SCHEMA_PATH"
-SCHEMA_RELATIVE_PATH = Path("include") / "schemas" / "tiktok_event.schema.json"
 
 #: Top-level fields whose values are personal data or secrets: never quoted in a reason.
 PRIVATE_FIELDS = frozenset({"user_data", "consent", "client_ip", "envelope"})
@@ -49,36 +46,15 @@ _TYPE_WORDS = {
 }
 
 
-class SchemaNotFoundError(FileNotFoundError):
-    """The event schema file could not be located."""
-
-
-def find_schema_path() -> Path:
-    """Locate ``tiktok_event.schema.json``.
-
-    ``$CAPI_SCHEMA_PATH`` wins; otherwise the folders above this module are searched for
-    ``include/schemas/`` (works for the editable install and for an Airflow deployment that
-    ships the repository layout).
-
-    :raises SchemaNotFoundError: when neither gives an existing file.
-    """
-    env = os.environ.get(SCHEMA_PATH_ENV)
-    if env:
-        path = Path(env)
-        if not path.is_file():
-            raise SchemaNotFoundError(f"{SCHEMA_PATH_ENV} points to {path}, which is not a file")
-        return path
-    for folder in Path(__file__).resolve().parents:
-        candidate = folder / SCHEMA_RELATIVE_PATH
-        if candidate.is_file():
-            return candidate
-    raise SchemaNotFoundError(
-        f"cannot find {SCHEMA_RELATIVE_PATH} above {Path(__file__).parent}; set {SCHEMA_PATH_ENV}"
-    )
+#: The event schema ships inside the package (``liveramp_capi/schemas/``), wherever it is installed.
+SCHEMA_RESOURCE = "tiktok_event.schema.json"
 
 
 @functools.lru_cache(maxsize=8)
-def _read_schema(path: str) -> dict[str, Any]:
+def _read_schema(path: str | None) -> dict[str, Any]:
+    if path is None:
+        text = resources.files("liveramp_capi.schemas").joinpath(SCHEMA_RESOURCE).read_text(encoding="utf-8")
+        return json.loads(text)
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
 
@@ -86,10 +62,9 @@ def _read_schema(path: str) -> dict[str, Any]:
 def load_event_schema(path: str | Path | None = None) -> dict[str, Any]:
     """Return the event schema as a dict (a private copy: callers may modify it).
 
-    :param path: schema file; default :func:`find_schema_path`.
+    :param path: a schema file to use instead of the packaged one (tests, experiments).
     """
-    resolved = Path(path) if path is not None else find_schema_path()
-    return copy.deepcopy(_read_schema(str(resolved.resolve())))
+    return copy.deepcopy(_read_schema(None if path is None else str(Path(path).resolve())))
 
 
 def with_custom_events(schema: dict[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ _ENVELOPE_UPSERT_BATCH = 2000
 class ValidateConversionsOperator(BaseOperator):
     """Validate a partition's conversion records and write its session shards and rejects.
 
-    Each record is checked against the JSON Schema in ``include/schemas/`` (``jsonschema``; a
+    Each record is checked against the JSON Schema shipped in the package (``liveramp_capi/schemas/``) (``jsonschema``; a
     compiled validator does the first pass) and against what a schema can't express: a
     duplicate ``event_id`` within the partition (kept once, counted), an ``event_time`` in the
     future or older than ``max_event_age_days``. Rejected records go to
