@@ -143,7 +143,7 @@ with create_session() as session:
             found.host = spec["host"]  # the stand-in moved to another port; the user's other edits stay
             print(f"  connection {conn_id}: host moved to the stand-in's new port")
     for key, value in wanted["variables"].items():
-        if Variable.get(key, default=None) is None:
+        if Variable.get(key, default_var=None) is None:
             Variable.set(key, value)
             print(f"  created Variable {key}")
 """
