@@ -320,7 +320,7 @@ def test_connection_refused_is_retried_then_reported_by_class_name(caplog) -> No
     )
     stats = sender.deliver_sync(make_batches(2), collector)
     for outcome in collector.outcomes.values():
-        assert outcome.error == "retries exhausted: connection error (ClientConnectorError)"
+        assert outcome.error == f"retries exhausted: connection error (ClientConnectorError) with 127.0.0.1:{port}"
         assert outcome.attempts == 3 and not outcome.acknowledged and not outcome.permanent
         assert secret not in repr(outcome)
     assert len(delays) == 4 and stats.retries == 4

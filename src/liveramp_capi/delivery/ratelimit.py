@@ -53,6 +53,21 @@ class RateLimiter:
         self._clock = clock
         self.pauses = 0
 
+    def set_rate(self, rate_per_second: float, burst: int | None = None) -> None:
+        """
+        Change the sustained rate (the adaptive controller does, after each decision).
+
+        :param rate_per_second: the new rate; ``0`` means unlimited.
+        :param burst: the new burst; unchanged when ``None``.
+        """
+        if rate_per_second < 0:
+            raise ValueError(f"rate_per_second must be >= 0, got {rate_per_second!r}")
+        if burst is not None:
+            self.burst = max(1, burst)
+        self.rate_per_second = float(rate_per_second)
+        self._interval = 1.0 / self.rate_per_second if self.rate_per_second > 0 else 0.0
+        self._tolerance = self._interval * (self.burst - 1)
+
     def _now(self) -> float:
         if self._clock is not None:
             return self._clock()
