@@ -309,6 +309,101 @@ def measure_delivery(standin_url: str, lines: list[bytes], requests: int, sequen
     ]
 
 
+# ---------------------------------------------------------------------------- throttling
+
+
+def run_throttle_client(url: str, batches: int, out: str) -> int:
+    """Child-process entry: one send shard (``BatchSender``, default settings) against ``url``.
+
+    Writes the shard's counters and the wall-clock time of every acknowledgement, so the parent
+    can compare shards over the time they all ran.
+
+    :param url: the stand-in's base URL.
+    :param batches: batches of 3 to 5 events to send.
+    :param out: where to write the JSON result.
+    """
+    from liveramp_capi.delivery.sender import BatchSender, RawBatch
+    from liveramp_capi.delivery.settings import CapiSettings
+
+    bodies = _bodies(_generated_lines(3_000), batches)
+    sender = BatchSender(url, CONFIG_ID, CapiSettings(verify_tls=False))
+    acks: list[float] = []
+
+    def on_outcome(batch: Any, outcome: Any) -> None:
+        if outcome.acknowledged:
+            acks.append(time.time())
+
+    started = time.time()
+    stats = sender.deliver_sync((RawBatch(f"b{i}", 3 + i % 3, b) for i, b in enumerate(bodies)), on_outcome)
+    result = {"started": started, "ended": time.time(), "acks": acks, **stats.as_dict()}
+    Path(out).write_text(json.dumps(result))
+    return 0
+
+
+def _throttled_shards(rate: float, batches: int, shards: int, latency_ms: float, workdir: Path) -> dict[str, Any]:
+    """Run ``shards`` send shards at once, each with ``batches / shards`` batches, against one
+    stand-in token bucket of ``rate`` requests/s and burst ``rate / 10``."""
+    from standin_fixture import running_standin
+
+    with running_standin("--latency-ms", str(latency_ms), "--rate", str(rate), "--no-keep-in-memory",
+                         config_id=CONFIG_ID) as standin:
+        outs = [workdir / f"throttle-{rate:g}-{shards}-{i}.json" for i in range(shards)]
+        children = [
+            subprocess.Popen([sys.executable, __file__, "--throttle-client", standin.url,
+                              "--throttle-batches", str(batches // shards), "--run-dag-out", str(out)])
+            for out in outs
+        ]
+        for child in children:
+            if child.wait() != 0:
+                raise RuntimeError(f"throttle client failed (exit {child.returncode})")
+        server = standin.stats()
+    runs = [json.loads(out.read_text()) for out in outs]
+    # Shares are compared while every shard was running (the last one alone gets the whole limit).
+    start, end = max(r["started"] for r in runs), min(r["ended"] for r in runs)
+    span = max(end - start, 1e-9)
+    shares = [sum(start <= t <= end for t in r["acks"]) / span for r in runs]
+    requests = sum(r["requests"] for r in runs)
+    throttled = sum(r["throttled"] for r in runs)
+    total_span = max(r["ended"] for r in runs) - min(r["started"] for r in runs)
+    return {
+        "rate": rate, "shards": shards, "batches": batches,
+        "goodput": sum(r["batches_acknowledged"] for r in runs) / total_span,
+        "overlap_goodput": sum(shares), "shares": shares, "seconds": total_span,
+        "requests": requests, "throttled": throttled, "throttled_share": throttled / max(requests, 1),
+        "failed": sum(r["batches_failed"] for r in runs), "server_429": server.get("rate_limited"),
+    }
+
+
+def measure_throttling(rates: list[float], batches: int, latency_ms: float, workdir: Path) -> tuple[list[Row], list[dict]]:
+    """Goodput and 429 share of send shards against a token bucket, 1 shard and 2 at once.
+
+    :param rates: the bucket's rates (requests/s); the burst is a tenth of it.
+    :param batches: batches in all (a 100,000-event partition cuts about 21,500).
+    :param latency_ms: the stand-in's latency.
+    :param workdir: where the children write their results.
+    """
+    rows: list[Row] = []
+    details = []
+    for rate in rates:
+        one = _throttled_shards(rate, batches, 1, latency_ms, workdir)
+        two = _throttled_shards(rate, batches, 2, latency_ms, workdir)
+        details += [one, two]
+        label = f"throttle R={rate:,.0f}/s burst {rate / 10:,.0f}, {batches:,} batches"
+        rows += [
+            Row(f"{label}: 1 shard, goodput", one["goodput"], "req/s", rate, one["goodput"] / rate,
+                ">= 0.9x R, every batch delivered", one["goodput"] >= 0.9 * rate and not one["failed"]),
+            Row(f"{label}: 1 shard, share of requests answered 429", 100 * one["throttled_share"], "%",
+                target="<= 5%", met=one["throttled_share"] <= 0.05),
+            Row(f"{label}: 2 shards at once, together", two["overlap_goodput"], "req/s", rate,
+                two["overlap_goodput"] / rate, ">= 0.9x R", two["overlap_goodput"] >= 0.9 * rate and not two["failed"]),
+            Row(f"{label}: 2 shards at once, the smaller share", min(two["shares"]), "req/s", rate,
+                min(two["shares"]) / rate, ">= 0.35x R", min(two["shares"]) >= 0.35 * rate),
+            Row(f"{label}: 2 shards, share of requests answered 429", 100 * two["throttled_share"], "%",
+                target="<= 5%", met=two["throttled_share"] <= 0.05),
+        ]
+    return rows, details
+
+
 # ---------------------------------------------------------------------------- end to end
 
 
@@ -584,9 +679,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-end-to-end", action="store_true", help="only the validation and delivery figures")
     parser.add_argument("--run-dag", help=argparse.SUPPRESS)
     parser.add_argument("--run-dag-out", help=argparse.SUPPRESS)
+    parser.add_argument("--throttle-client", help=argparse.SUPPRESS)
+    parser.add_argument("--throttle-batches", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--throttle-rates", default="400,2000", help="token-bucket rates to measure (requests/s)")
+    parser.add_argument("--throttle-only", action="store_true", help="only the throttling figures")
     args = parser.parse_args(argv)
     if args.run_dag:
         return run_dag_child(args.run_dag, args.run_dag_out)
+    if args.throttle_client:
+        return run_throttle_client(args.throttle_client, args.throttle_batches, args.run_dag_out)
 
     events = args.events or (3_000 if args.quick else 1_000_000)
     validation_records = min(events, 200_000) if not args.quick else min(events, 5_000)
