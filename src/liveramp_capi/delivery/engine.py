@@ -333,13 +333,13 @@ class RequestEngine:
                             outcome = await exchange.accepted(item, response, attempts)
                             now = loop.time()
                             slots.on_answer(now - sent_at)
-                            self._admitted(run, now)
+                            self._admitted(run, now, sent_at)
                             return outcome
                         excerpt = await self._read_excerpt(response)
                         if not policy.is_retryable_status(status):
                             now = loop.time()
                             slots.on_answer(now - sent_at)
-                            self._admitted(run, now)
+                            self._admitted(run, now, sent_at)
                             run.failed += 1
                             return exchange.failed(
                                 item, Failure(status, attempts, f"HTTP {status}", excerpt, True)
@@ -391,10 +391,10 @@ class RequestEngine:
                 finally:
                     run.waiting -= 1
 
-    def _admitted(self, run: _Run[Any, Any, Any], now: float) -> None:
+    def _admitted(self, run: _Run[Any, Any, Any], now: float, sent_at: float) -> None:
         self._note_refused(run, now, False)
         if self.settings.adaptive:
-            new_rate = run.rate.on_admitted(now)
+            new_rate = run.rate.on_admitted(now, sent_at)
             if new_rate is not None:
                 run.limiter.set_rate(new_rate, _burst(new_rate))
 
