@@ -325,8 +325,12 @@ def run_throttle_client(url: str, batches: int, out: str) -> int:
     from liveramp_capi.delivery.sender import BatchSender, RawBatch
     from liveramp_capi.delivery.settings import CapiSettings
 
+    if os.environ.get("BENCH_THROTTLE_DEBUG"):
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG, format="%(relativeCreated)6.0f %(process)d %(message)s")
     bodies = _bodies(_generated_lines(3_000), batches)
-    sender = BatchSender(url, CONFIG_ID, CapiSettings(verify_tls=False))
+    sender = BatchSender(url, CONFIG_ID, CapiSettings(verify_tls=False, progress_interval_seconds=2))
     acks: list[float] = []
 
     def on_outcome(batch: Any, outcome: Any) -> None:

@@ -51,21 +51,23 @@ def test_one_congestion_event_lowers_the_rate_once() -> None:
     assert control.decreases == 1
 
 
-def test_background_429s_do_not_lower_the_rate_again() -> None:
+def test_random_429s_settle_the_rate_instead_of_collapsing_it() -> None:
     control = ThrottleRate(0, started=0.0)
     now = _warm(control, 1000)
     while control.on_throttled(now, sent_at=now) is None:
         pass
     # From now on one request in ten is refused at random, whatever the rate.
-    for step in range(10_000):
+    lowest = control.rate
+    for step in range(30_000):
         now += 0.001
         control.on_sent(now)
         if step % 10 == 0:
             control.on_throttled(now, sent_at=now)
         else:
             control.on_admitted(now, now)
-    assert control.decreases == 1
-    assert control.rate > 1000  # it grew back past the first guess instead of collapsing
+        lowest = min(lowest, control.rate)
+    floor = ThrottleRate.SCALE * ThrottleRate.HOLD_OFF**3 / (1 - ThrottleRate.BETA)
+    assert lowest >= 0.6 * floor and control.decreases > 5
 
 
 def test_the_rate_climbs_back_along_a_cubic_and_probes_beyond() -> None:
@@ -81,7 +83,7 @@ def test_the_rate_climbs_back_along_a_cubic_and_probes_beyond() -> None:
             control.on_sent(now)
         rates.append(control.on_admitted(now, now))
     assert low < rates[50] < rates[150]  # concave growth back...
-    assert max(rates[100:250]) == pytest.approx(500, rel=0.1)  # ...flat around the old limit...
+    assert max(rates[90:130]) == pytest.approx(500, rel=0.1)  # ...flat around the old limit...
     assert rates[-1] > 560  # ...then probing beyond it
 
 
@@ -142,6 +144,7 @@ def test_two_shards_converge_to_a_fair_share_without_talking(limit: float) -> No
     first, second = _simulate_shared_bucket(limit, seconds=60, head_start=5)
     assert first + second >= 0.9 * limit
     assert min(first, second) >= 0.4 * limit, (first, second)
+    assert min(first, second) / max(first, second) >= 0.8
 
 
 def test_in_flight_limit_slow_start_then_shrinks_when_latency_doubles() -> None:

@@ -2,13 +2,14 @@
 limit that follows latency, each below an optional hard ceiling of the connection.
 
 * :class:`ThrottleRate` is the client-side token bucket of the AWS SDKs' adaptive retry mode:
-  off until the first 429, then CUBIC (RFC 9438): on a congestion event the rate drops to
-  ``BETA`` times the rate that caused it, then grows back along a cubic curve that is flat around
-  that rate and probes beyond it. One congestion event lowers the rate once: 429s of requests
-  sent before the last decrease are echoes of the old rate, and 429s at the share the endpoint
-  refuses anyway (measured right after each decrease) are background, not news. CUBIC's
-  constant is absolute (requests/s per s³), so several shards against one server limit converge
-  to equal shares without talking to each other.
+  off until the first 429, then CUBIC (RFC 9438): on a congestion event (more than 2% of the
+  last half second's answers were 429) the rate drops to ``BETA`` times the rate that caused
+  it, then grows back along a cubic curve that is flat around that rate and probes beyond it.
+  One congestion event lowers the rate once: 429s of requests sent before the last decrease are
+  echoes of the old rate, and no second decrease comes within ``HOLD_OFF``. Both the hold-off
+  and CUBIC's constant are absolute (seconds; requests/s per s³), the same for every shard, so
+  several shards against one server limit converge to equal shares without talking to each
+  other.
 * :class:`InFlightLimit` is a gradient limit in the spirit of Netflix's concurrency-limits: it
   doubles while the answers' median latency stays near its long-run level (slow start), grows by
   ``sqrt(limit)`` per window afterwards, and shrinks by a fifth when latency doubles or most
@@ -72,10 +73,10 @@ class RateMeter:
 class ThrottleRate:
     """CUBIC-style request rate driven by the share of 429 answers.
 
-    A congestion event is a share of 429s, over the last half second, clearly above the share
-    measured in the half second after the previous decrease (the background: an endpoint that
-    refuses one request in ten at random says nothing about the rate, a token bucket that runs
-    dry does). Every shard sees the same momentary share, so all of them back off together.
+    Every shard sees the same momentary share of 429s from a shared limit, so all of them back
+    off together. An endpoint that refuses a fixed share at random, whatever the rate, drives
+    the rate down to where recovering takes one hold-off (``SCALE / (1 - BETA)``, about 330
+    requests/s) and no lower.
 
     :param ceiling: the connection's hard ceiling in requests/s (0 = none).
     :param started: clock time of the run's start.
@@ -84,13 +85,15 @@ class ThrottleRate:
     #: Multiplicative decrease on a congestion event (RFC 9438 and the AWS SDKs use 0.7).
     BETA = 0.7
     #: CUBIC's constant in requests/s per s³: recovering a drop of 120 requests/s (from 400)
-    #: takes about 1.6 s, of 600 (from 2,000) about 2.7 s. Absolute, hence fair between shards.
-    SCALE = 30.0
+    #: takes about 1.1 s, of 600 (from 2,000) about 1.8 s. Absolute, hence fair between shards.
+    SCALE = 100.0
     #: The rate never drops below this, so a fully refused endpoint is still probed.
     FLOOR = 1.0
-    #: The window over which the share of 429s is read, and the hold-off after a decrease.
+    #: The window over which the share of 429s is read.
     WINDOW = 0.5
-    #: How far above the background share a window's share must be to count as congestion.
+    #: No second decrease this soon after one: the same for every shard, hence fair.
+    HOLD_OFF = 1.0
+    #: The share of 429s in the window above which a 429 is a congestion event, not a stray one.
     MARGIN = 0.02
 
     def __init__(self, ceiling: float, started: float) -> None:
@@ -98,11 +101,10 @@ class ThrottleRate:
         self.enabled = False  # no client-side pacing until the endpoint first throttles
         self.rate = 0.0
         self.decreases = 0
+        self.last_event = 0.0  # the share of 429s that caused the last decrease
         self._w_max = 0.0
         self._k = 0.0
         self._epoch = started
-        self._background = 0.0
-        self._background_due: float | None = None
         self._sent = RateMeter(1.0, started)
         self._admitted = RateMeter(1.0, started)
         self._answers = RateMeter(self.WINDOW, started)
@@ -119,32 +121,25 @@ class ThrottleRate:
             self._answers.add(now)
         if not self.enabled:
             return None
-        self._settle_background(now)
         rate = self._cubic(now)
-        # Never run far ahead of what is really sent (a shard limited by latency or by its
-        # in-flight limit would otherwise "earn" a rate it has never tried).
-        rate = min(rate, max(2.0 * self._sent.rate(now), self._w_max))
         if self.ceiling:
             rate = min(rate, self.ceiling)
         self.rate = max(rate, self.FLOOR)
         return self.rate
 
     def on_throttled(self, now: float, sent_at: float) -> float | None:
-        """Note a 429; returns the new (lower) rate when it completes a congestion event."""
+        """Note a 429; returns the new (lower) rate when it is a new congestion event."""
         if sent_at < self._epoch:
             return None  # sent before the last decrease: an echo of the old rate
         self._answers.add(now)
         self._refusals.add(now)
-        if self.enabled and now < self._epoch + self.WINDOW:
+        if self.enabled and now < self._epoch + self.HOLD_OFF:
             return None  # the decrease has not had time to show yet
-        self._settle_background(now)
-        answers = self._answers.count(now)
-        share = self._refusals.count(now) / max(answers, 1)
-        background = self._background
-        noise = 3 * math.sqrt(background * (1 - background) / max(answers, 1))
-        if share <= background + max(self.MARGIN, noise):
-            return None
+        share = self._refusals.count(now) / max(self._answers.count(now), 1)
+        if share <= self.MARGIN:
+            return None  # a stray 429, not a limit being hit
         if self.enabled:
+            # The paced rate, or what was really sent when less (workers waiting out Retry-After).
             current = min(self.rate, max(self._sent.rate(now), self.FLOOR))
         else:
             # First throttle: what the endpoint admitted is the best guess of its limit.
@@ -152,19 +147,12 @@ class ThrottleRate:
         self._w_max = current
         self._k = (current * (1 - self.BETA) / self.SCALE) ** (1 / 3)
         self._epoch = now
-        self._background_due = now + self.WINDOW
         self.enabled = True
         self.decreases += 1
+        self.last_event = share
         rate = max(current * self.BETA, self.FLOOR)
         self.rate = min(rate, self.ceiling) if self.ceiling else rate
         return self.rate
-
-    def _settle_background(self, now: float) -> None:
-        # The share of 429s in the window right after a decrease is what the endpoint refuses
-        # whatever the rate; later windows are compared with it.
-        if self._background_due is not None and now >= self._background_due:
-            self._background = self._refusals.count(now) / max(self._answers.count(now), 1)
-            self._background_due = None
 
     def _cubic(self, now: float) -> float:
         t = now - self._epoch - self._k

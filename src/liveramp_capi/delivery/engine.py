@@ -407,6 +407,12 @@ class RequestEngine:
             if new_rate is not None:
                 run.stats.rate_decreases += 1
                 run.limiter.set_rate(new_rate, _burst(new_rate))
+                log.debug(
+                    "request rate lowered to %.0f/s: %.1f%% of answers 429 over the last %.1f s",
+                    new_rate,
+                    100 * run.rate.last_event,
+                    run.rate.WINDOW,
+                )
         if (share > _HOLD_ALL_SHARE or not self.settings.adaptive) and hold > 0:
             before = run.limiter.pauses
             run.limiter.pause_for(hold)
