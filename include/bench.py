@@ -415,7 +415,7 @@ def _day_start(partition: str) -> int:
     return int(dt.datetime.fromisoformat(partition).replace(tzinfo=dt.UTC).timestamp())
 
 
-def _airflow_env(home: Path, root: Path, standin_url: str, concurrency: int) -> dict[str, str]:
+def _airflow_env(home: Path, root: Path, standin_url: str, concurrency: int, timeout: float = 30) -> dict[str, str]:
     env = os.environ.copy()
     env.update(
         {
@@ -432,7 +432,7 @@ def _airflow_env(home: Path, root: Path, standin_url: str, concurrency: int) -> 
                     "conn_type": "liveramp_capi",
                     "host": standin_url,
                     "password": CONFIG_ID,
-                    "extra": {"concurrency": concurrency, "timeout_seconds": 30, "verify_tls": False},
+                    "extra": {"concurrency": concurrency, "timeout_seconds": timeout, "verify_tls": False},
                 }
             ),
             "AIRFLOW_CONN_CAPI_STATE_DEFAULT": json.dumps({"conn_type": "sqlite", "host": str(root / "state.db")}),
@@ -532,7 +532,10 @@ def run_dag_child(partition: str, out: str) -> int:
     return 0
 
 
-def run_end_to_end(workdir: Path, airflow_home: Path, events: int, latency_ms: float, concurrency: int) -> dict[str, Any]:
+def run_end_to_end(
+    workdir: Path, airflow_home: Path, events: int, latency_ms: float, concurrency: int,
+    faults: tuple[str, ...] = (), timeout: float = 30, name: str = "e2e",
+) -> dict[str, Any]:
     """Generate a partition, run the DAG on it against a fresh stand-in, check every count.
 
     :param workdir: scratch folder (landing, output, state DB, record file).
@@ -540,20 +543,24 @@ def run_end_to_end(workdir: Path, airflow_home: Path, events: int, latency_ms: f
     :param events: records in the partition.
     :param latency_ms: the stand-in's latency.
     :param concurrency: the connection's ``concurrency`` extra.
+    :param faults: extra stand-in flags (``--error-rate 0.2`` ...).
+    :param timeout: the connection's ``timeout_seconds``.
+    :param name: prefix of the scratch folder.
     :return: timings, memory, counts and the checks.
     """
     from standin_fixture import running_standin
 
-    root = workdir / f"e2e-{events}"
+    root = workdir / f"{name}-{events}"
     if root.exists():
         shutil.rmtree(root)
     folder = root / "landing" / f"dt={PARTITION}"
     counts = write_partition(folder, events, seed=SEED, day_start=_day_start(PARTITION))
     record_file = root / "received.jsonl"
     with running_standin(
-        "--latency-ms", str(latency_ms), "--no-keep-in-memory", "--record-file", str(record_file), config_id=CONFIG_ID
+        "--latency-ms", str(latency_ms), "--no-keep-in-memory", "--record-file", str(record_file), *faults,
+        config_id=CONFIG_ID,
     ) as standin:
-        env = _airflow_env(airflow_home, root, standin.url, concurrency)
+        env = _airflow_env(airflow_home, root, standin.url, concurrency, timeout)
         _ensure_airflow_db(airflow_home, env)
         out = root / "run.json"
         log = root / "run.log"
@@ -598,7 +605,8 @@ def run_end_to_end(workdir: Path, airflow_home: Path, events: int, latency_ms: f
         "task_peak_rss": run["task_peak_rss"],
         "process_max_rss": run["process_max_rss"],
         "summary": {k: summary.get(k) for k in ("read", "valid", "rejected", "duplicates", "sessions", "batches",
-                                                  "delivered_events", "failed_events", "status")},
+                                                  "delivered_events", "failed_events", "status", "requests",
+                                                  "retries")},
         "standin_requests": stats.get("requests"),
         "checks": checks,
     }
@@ -660,6 +668,40 @@ def end_to_end_rows(big: dict[str, Any], small: dict[str, Any]) -> list[Row]:
     return rows
 
 
+#: The faults mix of issue 10: 20% 5xx, 10% 429 + Retry-After 1 s, 2% dropped connections, 0.5%
+#: stalls past the (default, 10 s) request timeout.
+FAULTS_MIX = ("--error-rate", "0.2", "--throttle-rate", "0.1", "--retry-after-seconds", "1",
+              "--drop-rate", "0.02", "--stall-rate", "0.005", "--stall-seconds", "30", "--seed", "10")
+
+
+def measure_faults_mix(workdir: Path, airflow_home: Path, events: int, latency_ms: float) -> tuple[list[Row], dict]:
+    """The same partition through the DAG twice, clean and under the faults mix (default settings:
+    64 in flight, 10 s timeout); exactly once, no Airflow task retry, wall time against clean.
+
+    :param workdir: scratch folder.
+    :param airflow_home: the Airflow home.
+    :param events: records in the partition.
+    :param latency_ms: the stand-in's latency.
+    """
+    clean = run_end_to_end(workdir, airflow_home, events, latency_ms, 64, timeout=10, name="clean")
+    faulty = run_end_to_end(workdir, airflow_home, events, latency_ms, 64, FAULTS_MIX, timeout=10, name="faults")
+    # dag.test() runs a task again in the same process after its retry delay: a label seen twice
+    # is impossible to tell apart here, but a failed batch is what would have caused the retry.
+    no_retry = faulty["summary"]["failed_events"] == 0 and all(faulty["checks"].values())
+    ratio = faulty["dag_seconds"] / clean["dag_seconds"]
+    send = sum(v for k, v in faulty["task_seconds"].items() if _task_kind(k) == "send")
+    send_clean = sum(v for k, v in clean["task_seconds"].items() if _task_kind(k) == "send")
+    rows = [
+        Row(f"faults mix, {events:,} records: DAG wall time vs the same partition clean", faulty["dag_seconds"], "s",
+            clean["dag_seconds"], ratio, "<= 2x clean, every event exactly once, no batch failed",
+            ratio <= 2 and no_retry),
+        Row("  (info) send tasks under the faults mix vs clean", send, "s", send_clean, send / max(send_clean, 1e-9)),
+        Row("  (info) requests / retries under the faults mix", faulty["summary"].get("requests") or 0, "req",
+            target=f"{faulty['summary'].get('retries')} retries"),
+    ]
+    return rows, {"clean": clean, "faults": faulty}
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -687,6 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throttle-batches", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--throttle-rates", default="400,2000", help="token-bucket rates to measure (requests/s)")
     parser.add_argument("--throttle-only", action="store_true", help="only the throttling figures")
+    parser.add_argument("--faults-events", type=int, default=100_000, help="records of the faults-mix partition")
     args = parser.parse_args(argv)
     if args.run_dag:
         return run_dag_child(args.run_dag, args.run_dag_out)
@@ -705,25 +748,40 @@ def main(argv: list[str] | None = None) -> int:
           f"end to end on {events:,} records; stand-in latency {args.latency_ms:g} ms", flush=True)
     rows: list[Row] = []
     details: dict[str, Any] = {}
-    lines = _generated_lines(max(validation_records, requests * 5 // 3))
-    print("1/4 validation ...", flush=True)
-    rows += measure_validation(lines[:validation_records], baseline_records)
+    if not args.throttle_only:
+        lines = _generated_lines(max(validation_records, requests * 5 // 3))
+        print("1/6 validation ...", flush=True)
+        rows += measure_validation(lines[:validation_records], baseline_records)
 
-    print("2/4 delivery ...", flush=True)
-    from standin_fixture import running_standin
+        print("2/6 delivery ...", flush=True)
+        from standin_fixture import running_standin
 
-    with running_standin("--latency-ms", str(args.latency_ms), "--no-keep-in-memory", config_id=CONFIG_ID) as standin:
-        rows += measure_delivery(standin.url, lines, requests, sequential, args.concurrency)
-    del lines
+        with running_standin("--latency-ms", str(args.latency_ms), "--no-keep-in-memory", config_id=CONFIG_ID) as standin:
+            rows += measure_delivery(standin.url, lines, requests, sequential, args.concurrency)
+        del lines
 
-    if not args.skip_end_to_end:
-        print(f"3/4 end to end, {events:,} records ...", flush=True)
+    rates = [float(r) for r in args.throttle_rates.split(",") if r][: 1 if args.quick else None]
+    batches = args.throttle_batches or (1_000 if args.quick else 21_474)
+    print(f"3/6 throttling: token bucket at {', '.join(f'{r:g}' for r in rates)} requests/s, {batches:,} batches, "
+          "20 ms latency, 1 and 2 shards ...", flush=True)
+    throttle_rows, throttle_details = measure_throttling(rates, batches, 20.0, args.workdir)
+    rows += throttle_rows
+    details["throttling"] = throttle_details
+
+    if not args.skip_end_to_end and not args.throttle_only:
+        if not args.quick:
+            print(f"4/6 faults mix vs clean, {args.faults_events:,} records ...", flush=True)
+            faults_rows, details["faults_mix"] = measure_faults_mix(
+                args.workdir, airflow_home, args.faults_events, args.latency_ms
+            )
+            rows += faults_rows
+        print(f"5/6 end to end, {events:,} records ...", flush=True)
         big = run_end_to_end(args.workdir, airflow_home, events, args.latency_ms, args.concurrency)
         small_events = max(events // 10, 100)
-        print(f"4/4 end to end, {small_events:,} records (memory growth) ...", flush=True)
+        print(f"6/6 end to end, {small_events:,} records (memory growth) ...", flush=True)
         small = run_end_to_end(args.workdir, airflow_home, small_events, args.latency_ms, args.concurrency)
         rows += end_to_end_rows(big, small)
-        details = {"end_to_end": big, "end_to_end_small": small}
+        details.update({"end_to_end": big, "end_to_end_small": small})
 
     print()
     print_table(rows)

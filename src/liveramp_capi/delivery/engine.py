@@ -237,7 +237,7 @@ class RequestEngine:
         stats: StatsT,
         *,
         label: str = "delivery",
-        remaining: Callable[[], int | None] | None = None,
+        remaining: Callable[[], int | str | None] | None = None,
     ) -> StatsT:
         """Run every item of ``items`` to an outcome, reported once per item to ``on_outcome``.
 
@@ -249,7 +249,8 @@ class RequestEngine:
         :param on_outcome: called on the loop thread with ``(item, outcome)``; keep it fast.
         :param stats: the counters to fill in.
         :param label: names the run in progress lines (e.g. ``"shard 3"``; no secrets).
-        :param remaining: tells progress lines how much is left, when the caller knows.
+        :param remaining: tells progress lines how much is left, when the caller knows (a
+            number of items, or a text such as ``"1,234 events"``).
         """
         settings = self.settings
         connector = aiohttp.TCPConnector(
@@ -447,7 +448,7 @@ class RequestEngine:
         stats.error_counts[kind] = stats.error_counts.get(kind, 0) + 1
 
     async def _report_progress(
-        self, run: _Run[Any, Any, Any], label: str, remaining: Callable[[], int | None] | None
+        self, run: _Run[Any, Any, Any], label: str, remaining: Callable[[], int | str | None] | None
     ) -> None:
         """Log one line every ``progress_interval_seconds`` while the run lasts."""
         interval = self.settings.progress_interval_seconds
@@ -478,7 +479,7 @@ class RequestEngine:
                 label,
                 run.done,
                 run.failed,
-                "unknown" if left is None else f"{left:d}",
+                "unknown" if left is None else (f"{left:,}" if isinstance(left, int) else left),
                 run.slots.in_flight,
                 run.waiting,
                 (stats.requests - last_requests) / max(now - last_at, 1e-9),

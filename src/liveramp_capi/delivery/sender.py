@@ -179,7 +179,7 @@ class BatchSender:
         on_outcome: Callable[[OutgoingBatch, DeliveryOutcome], None],
         *,
         label: str = "send",
-        remaining: Callable[[], int | None] | None = None,
+        remaining: Callable[[], int | str | None] | None = None,
     ) -> DeliveryStats:
         """
         Deliver every batch of ``batches`` and report each result to ``on_outcome``.
@@ -194,7 +194,8 @@ class BatchSender:
             loop thread; it must be fast and non-blocking (e.g. append to a buffer), because
             every worker waits while it runs.
         :param label: names the run in the progress lines (e.g. ``"shard 3"``).
-        :param remaining: how many batches (or events) are left, for the progress lines.
+        :param remaining: how much is left, for the progress lines (batches, or a text such as
+            ``"1,234 events"``).
         :return: the delivery counters.
         """
         stats = DeliveryStats()
