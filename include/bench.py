@@ -10,16 +10,24 @@ stand-in of LiveRamp's endpoints (NOT LiveRamp) with 50 ms latency, then measure
 2. delivery: requests/s of the production sender (``BatchSender``) against the sequential
    ``HttpHook.run`` path (``LiveRampCapiHook.send_batch_sequential``) and a bare aiohttp client
    with the same number of requests in flight, side by side;
-3. end to end: ``tiktok_conversions`` run with ``dag.test()`` in a child process on a gzip JSONL
+3. throttling: send shards (``BatchSender``, default settings, child processes) against the
+   stand-in's token bucket (``--rate R``, burst R/10, 20 ms latency) at R = 400 and 2,000
+   requests/s (``--throttle-rates``), 21,474 batches of 3-5 events (what a 100,000-event partition
+   cuts), one shard alone and two at once: goodput against R, the share of 429s, each shard's
+   share while both ran;
+4. faults mix: the same ``--faults-events`` partition (100,000) through the DAG clean and under
+   20% 5xx, 10% 429, 2% dropped connections and 0.5% stalls past the 10 s timeout;
+5. end to end: ``tiktok_conversions`` run with ``dag.test()`` in a child process on a gzip JSONL
    partition of ``--events`` records, every event accounted for in ``summary.json`` and, from
    the stand-in's record file, delivered exactly once;
-4. memory: the peak RSS while each task ran, at ``--events`` and at a tenth of it.
+6. memory: the peak RSS while each task ran, at ``--events`` and at a tenth of it.
 
 It prints ONE table (figure, value, baseline, ratio, target, met). The machine may be shared:
 ratios against baselines measured in the same run are what to compare. ``--json PATH`` also
 writes the rows (the test suite runs ``--quick`` at a small size and checks the table's shape).
 
-Usage: ``python include/bench.py [--events 1000000] [--quick] [--workdir .bench] [--json out.json]``
+Usage: ``python include/bench.py [--events 1000000] [--quick] [--workdir .bench] [--json out.json]
+[--throttle-only] [--throttle-rates 400,2000] [--throttle-batches N] [--faults-events N]``
 """
 
 from __future__ import annotations
