@@ -161,3 +161,15 @@ def test_connection_errors_name_host_and_port_only(standin) -> None:
     error = outcomes["e0"].error
     assert error == f"retries exhausted: connection error (ClientConnectorError) with 127.0.0.1:{port}"
     assert secret not in error and "send-events" not in error and "q=1" not in error
+
+
+def test_stalled_requests_stop_holding_slots_after_many_latencies(standin) -> None:
+    # One request in twenty hangs until the timeout; its slot is handed on after ~1 s.
+    standin.config(latency_ms=10, stall_rate=0.05, stall_seconds=30, seed=2)
+    items = [f"e{i}" for i in range(200)]
+    outcomes, stats, _ = run(standin, items, concurrency=8, timeout_seconds=3, **FAST)
+    assert all(o[0] == "ok" for o in outcomes.values()) and len(outcomes) == 200
+    assert stats.error_counts.get("timeout", 0) > 0
+    # Stalled requests still open beside a full set of live ones, never more than twice the ceiling.
+    assert 8 < standin.stats()["max_in_flight"] <= 16
+    assert sorted(standin.received_event_ids()) == sorted(items)

@@ -41,6 +41,8 @@ StatsT = TypeVar("StatsT", bound="RequestStats")
 SleepFunc = Callable[[float], Awaitable[Any]]
 
 _TLS_ERRORS = (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError)
+#: Workers per in-flight slot (see RequestEngine.__init__).
+_WORKERS_PER_SLOT = 4
 #: Share of refused answers (429, 5xx, no answer) in the last second above which a 429 holds
 #: every request, not only its own: the endpoint is refusing most of what it gets.
 _HOLD_ALL_SHARE = 0.5
@@ -148,6 +150,9 @@ class _Run(Generic[ItemT, OutcomeT, StatsT]):
     __slots__ = (
         "answers",
         "done",
+        "group",
+        "lost",
+        "workers",
         "error",
         "exchange",
         "failed",
@@ -188,6 +193,9 @@ class _Run(Generic[ItemT, OutcomeT, StatsT]):
         self.started = now
         self.done = 0
         self.failed = 0
+        self.lost = 0  # requests presumed lost: still open, no longer counted in flight
+        self.workers = 0
+        self.group: asyncio.TaskGroup | None = None
         self.waiting = 0
         self.stop = False
         self.error: BaseException | None = None
@@ -228,6 +236,9 @@ class RequestEngine:
         )
         self._timeout_error = f"timeout after {settings.timeout_seconds} s"
         self._sleep = sleep
+        # Items waiting out a backoff or Retry-After hold a worker but no in-flight slot: more
+        # workers than slots keep the slots busy while a share of the items waits.
+        self._workers = settings.concurrency * (_WORKERS_PER_SLOT if settings.adaptive else 1)
 
     async def run(
         self,
@@ -244,7 +255,8 @@ class RequestEngine:
         If the iterable or ``on_outcome`` raises, no further item is pulled, the items in flight
         finish (and are reported), then the exception is re-raised; ``stats`` holds the counters.
 
-        :param items: consumed lazily by at most ``concurrency`` workers.
+        :param items: consumed lazily: at most ``concurrency`` items in flight, and at most four
+            times that many held in all (the others wait out a backoff or ``Retry-After``).
         :param exchange: builds requests and reads answers.
         :param on_outcome: called on the loop thread with ``(item, outcome)``; keep it fast.
         :param stats: the counters to fill in.
@@ -254,8 +266,9 @@ class RequestEngine:
         """
         settings = self.settings
         connector = aiohttp.TCPConnector(
-            limit=settings.concurrency,
-            limit_per_host=settings.concurrency,
+            # Up to as many again for requests presumed lost (see _presume_lost).
+            limit=2 * settings.concurrency,
+            limit_per_host=2 * settings.concurrency,
             ssl=settings.verify_tls,  # True: default certificate verification
         )
         loop = asyncio.get_running_loop()
@@ -274,7 +287,9 @@ class RequestEngine:
             reporter = asyncio.create_task(self._report_progress(run, label, remaining))
             try:
                 async with asyncio.TaskGroup() as group:
-                    for _ in range(settings.concurrency):
+                    run.group = group
+                    run.workers = self._workers
+                    for _ in range(self._workers):
                         group.create_task(self._worker(run))
             finally:
                 reporter.cancel()
@@ -286,6 +301,9 @@ class RequestEngine:
 
     async def _worker(self, run: _Run[Any, Any, Any]) -> None:
         while not run.stop:
+            if run.workers > self._workers + run.lost:
+                run.workers -= 1  # a lost request came back: its stand-in worker retires
+                return
             try:
                 item = next(run.iterator)
             except StopIteration:
@@ -312,8 +330,11 @@ class RequestEngine:
         excerpt: bytes | None = None
         while True:
             await slots.acquire()
+            held = [True]
+            timer = None
             try:
                 await run.limiter.acquire()
+                timer = self._watch(run, held)
                 attempts += 1
                 stats.requests += 1
                 sent_at = loop.time()
@@ -368,7 +389,12 @@ class RequestEngine:
                     error = f"connection error ({kind}) with {self.host_port}"
                     self._count_error(stats, kind)
             finally:
-                slots.release()
+                if timer is not None:
+                    timer.cancel()
+                if held[0]:
+                    slots.release()
+                else:
+                    run.lost -= 1
 
             now = loop.time()
             delay = policy.delay(attempts, retry_after)
@@ -378,6 +404,7 @@ class RequestEngine:
             else:
                 # 5xx and lost answers count against the in-flight limit only when most fail.
                 slots.on_answer(None)
+                rate.on_failed(now, sent_at)
                 self._note_refused(run, now, True)
             if not policy.can_retry(attempts, now - first, delay):
                 run.failed += 1
@@ -391,6 +418,34 @@ class RequestEngine:
                     await self._sleep(delay)
                 finally:
                     run.waiting -= 1
+
+    def _watch(self, run: _Run[Any, Any, Any], held: list[bool]) -> asyncio.TimerHandle | None:
+        """Presume a request lost once it outlives many times the usual latency.
+
+        A request that hangs until its timeout (a dropped answer, a stalled server) would hold
+        its in-flight slot and its worker all that time: one stall in 200 requests with a 10 s
+        timeout ties up most of 64 slots. After ``max(1 s, 10 x`` the long-run latency) its
+        slot is freed and a stand-in worker takes the next item; the request itself still runs
+        to its answer or timeout (at most ``concurrency`` such requests, the connection pool's
+        second half).
+        """
+        if not self.settings.adaptive:
+            return None
+        after = max(1.0, 10 * run.slots.long_latency)
+        if after >= self.settings.timeout_seconds:
+            return None
+
+        def presume_lost() -> None:
+            if not held[0] or run.lost >= self.settings.concurrency:
+                return
+            held[0] = False
+            run.slots.release()
+            run.lost += 1
+            if run.group is not None and not run.stop and run.workers < self._workers + run.lost:
+                run.workers += 1
+                run.group.create_task(self._worker(run))
+
+        return asyncio.get_running_loop().call_later(after, presume_lost)
 
     def _admitted(self, run: _Run[Any, Any, Any], now: float, sent_at: float) -> None:
         self._note_refused(run, now, False)

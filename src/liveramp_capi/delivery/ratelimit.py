@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 __all__ = ["RateLimiter"]
 
 #: How far ahead a caller may book a slot, and how often a caller further back looks again.
-_HORIZON = 2.0
+_HORIZON = 0.25
 _RECHECK = 0.25
 
 

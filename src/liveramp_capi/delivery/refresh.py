@@ -182,8 +182,8 @@ class EnvelopeRefresher:
     ) -> RefreshStats:
         """Refresh every row of ``rows`` and report each result to ``on_outcome``.
 
-        ``rows`` is consumed lazily by at most ``settings.concurrency`` workers, so at most that
-        many rows are held (plus whatever page the iterable itself holds).
+        ``rows`` is consumed lazily: at most ``settings.concurrency`` rows are in flight and
+        four times that many held (plus whatever page the iterable itself holds).
 
         :param rows: rows to refresh (a generator over store pages is fine).
         :param on_outcome: called once per row on the event loop thread; keep it fast.

@@ -184,8 +184,9 @@ class BatchSender:
         """
         Deliver every batch of ``batches`` and report each result to ``on_outcome``.
 
-        ``batches`` is consumed lazily by at most ``settings.concurrency`` workers sharing one
-        iterator, so at most that many batches are held at any time. If the iterable or
+        ``batches`` is consumed lazily by workers sharing one iterator: at most
+        ``settings.concurrency`` batches are in flight and at most four times that many are held
+        at any time (the rest wait out a backoff or ``Retry-After``). If the iterable or
         ``on_outcome`` raises, no further batch is pulled, the batches in flight finish (and are
         reported), then the exception is re-raised; ``self.last_stats`` holds the counters so far.
 
