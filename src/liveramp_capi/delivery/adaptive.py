@@ -160,7 +160,9 @@ class ThrottleRate:
             return None  # the decrease has not had time to show yet
         answers = self._answers.count(now)
         share = self._refusals.count(now) / max(answers, 1)
-        if not self.enabled and (answers < 50 or share <= self.START_SHARE):
+        if not self.enabled and not (
+            (answers >= 50 and share > self.START_SHARE) or (answers >= 10 and share > 0.5)
+        ):
             return None  # too few answers yet, or a share an unpaced shard lives with
         if share <= self.MARGIN:
             return None  # a stray 429, not a limit being hit

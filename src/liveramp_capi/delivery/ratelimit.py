@@ -133,4 +133,7 @@ class RateLimiter:
             await self._sleep(min(ahead - _HORIZON, _RECHECK))
             now = self._now()
         if self._interval:
-            self._reserve(now)
+            # Looked often enough: book the next slot however far ahead, and wait for it.
+            wait = self._reserve(now)
+            if wait > 0:
+                await self._sleep(wait)
