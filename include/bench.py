@@ -10,16 +10,24 @@ stand-in of LiveRamp's endpoints (NOT LiveRamp) with 50 ms latency, then measure
 2. delivery: requests/s of the production sender (``BatchSender``) against the sequential
    ``HttpHook.run`` path (``LiveRampCapiHook.send_batch_sequential``) and a bare aiohttp client
    with the same number of requests in flight, side by side;
-3. end to end: ``tiktok_conversions`` run with ``dag.test()`` in a child process on a gzip JSONL
+3. throttling: send shards (``BatchSender``, default settings, child processes) against the
+   stand-in's token bucket (``--rate R``, burst R/10, 20 ms latency) at R = 400 and 2,000
+   requests/s (``--throttle-rates``), 21,474 batches of 3-5 events (what a 100,000-event partition
+   cuts), one shard alone and two at once: goodput against R, the share of 429s, each shard's
+   share while both ran;
+4. faults mix: the same ``--faults-events`` partition (100,000) through the DAG clean and under
+   20% 5xx, 10% 429, 2% dropped connections and 0.5% stalls past the 10 s timeout;
+5. end to end: ``tiktok_conversions`` run with ``dag.test()`` in a child process on a gzip JSONL
    partition of ``--events`` records, every event accounted for in ``summary.json`` and, from
    the stand-in's record file, delivered exactly once;
-4. memory: the peak RSS while each task ran, at ``--events`` and at a tenth of it.
+6. memory: the peak RSS while each task ran, at ``--events`` and at a tenth of it.
 
 It prints ONE table (figure, value, baseline, ratio, target, met). The machine may be shared:
 ratios against baselines measured in the same run are what to compare. ``--json PATH`` also
 writes the rows (the test suite runs ``--quick`` at a small size and checks the table's shape).
 
-Usage: ``python include/bench.py [--events 1000000] [--quick] [--workdir .bench] [--json out.json]``
+Usage: ``python include/bench.py [--events 1000000] [--quick] [--workdir .bench] [--json out.json]
+[--throttle-only] [--throttle-rates 400,2000] [--throttle-batches N] [--faults-events N]``
 """
 
 from __future__ import annotations
@@ -310,6 +318,105 @@ def measure_delivery(standin_url: str, lines: list[bytes], requests: int, sequen
     ]
 
 
+# ---------------------------------------------------------------------------- throttling
+
+
+def run_throttle_client(url: str, batches: int, out: str) -> int:
+    """Child-process entry: one send shard (``BatchSender``, default settings) against ``url``.
+
+    Writes the shard's counters and the wall-clock time of every acknowledgement, so the parent
+    can compare shards over the time they all ran.
+
+    :param url: the stand-in's base URL.
+    :param batches: batches of 3 to 5 events to send.
+    :param out: where to write the JSON result.
+    """
+    from liveramp_capi.delivery.sender import BatchSender, RawBatch
+    from liveramp_capi.delivery.settings import CapiSettings
+
+    if os.environ.get("BENCH_THROTTLE_DEBUG"):
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG, format="%(relativeCreated)6.0f %(process)d %(message)s")
+    bodies = _bodies(_generated_lines(3_000), batches)
+    sender = BatchSender(url, CONFIG_ID, CapiSettings(verify_tls=False, progress_interval_seconds=2))
+    acks: list[float] = []
+
+    def on_outcome(batch: Any, outcome: Any) -> None:
+        if outcome.acknowledged:
+            acks.append(time.time())
+
+    started = time.time()
+    stats = sender.deliver_sync((RawBatch(f"b{i}", 3 + i % 3, b) for i, b in enumerate(bodies)), on_outcome)
+    result = {"started": started, "ended": time.time(), "acks": acks, **stats.as_dict()}
+    Path(out).write_text(json.dumps(result))
+    return 0
+
+
+def _throttled_shards(rate: float, batches: int, shards: int, latency_ms: float, workdir: Path) -> dict[str, Any]:
+    """Run ``shards`` send shards at once, each with ``batches / shards`` batches, against one
+    stand-in token bucket of ``rate`` requests/s and burst ``rate / 10``."""
+    from standin_fixture import running_standin
+
+    with running_standin("--latency-ms", str(latency_ms), "--rate", str(rate), "--no-keep-in-memory",
+                         config_id=CONFIG_ID) as standin:
+        outs = [workdir / f"throttle-{rate:g}-{shards}-{i}.json" for i in range(shards)]
+        children = [
+            subprocess.Popen([sys.executable, __file__, "--throttle-client", standin.url,
+                              "--throttle-batches", str(batches // shards), "--run-dag-out", str(out)])
+            for out in outs
+        ]
+        for child in children:
+            if child.wait() != 0:
+                raise RuntimeError(f"throttle client failed (exit {child.returncode})")
+        server = standin.stats()
+    runs = [json.loads(out.read_text()) for out in outs]
+    # Shares are compared while every shard was running (the last one alone gets the whole limit).
+    start, end = max(r["started"] for r in runs), min(r["ended"] for r in runs)
+    span = max(end - start, 1e-9)
+    shares = [sum(start <= t <= end for t in r["acks"]) / span for r in runs]
+    requests = sum(r["requests"] for r in runs)
+    throttled = sum(r["throttled"] for r in runs)
+    total_span = max(r["ended"] for r in runs) - min(r["started"] for r in runs)
+    return {
+        "rate": rate, "shards": shards, "batches": batches,
+        "goodput": sum(r["batches_acknowledged"] for r in runs) / total_span,
+        "overlap_goodput": sum(shares), "shares": shares, "seconds": total_span,
+        "requests": requests, "throttled": throttled, "throttled_share": throttled / max(requests, 1),
+        "failed": sum(r["batches_failed"] for r in runs), "server_429": server.get("rate_limited"),
+    }
+
+
+def measure_throttling(rates: list[float], batches: int, latency_ms: float, workdir: Path) -> tuple[list[Row], list[dict]]:
+    """Goodput and 429 share of send shards against a token bucket, 1 shard and 2 at once.
+
+    :param rates: the bucket's rates (requests/s); the burst is a tenth of it.
+    :param batches: batches in all (a 100,000-event partition cuts about 21,500).
+    :param latency_ms: the stand-in's latency.
+    :param workdir: where the children write their results.
+    """
+    rows: list[Row] = []
+    details = []
+    for rate in rates:
+        one = _throttled_shards(rate, batches, 1, latency_ms, workdir)
+        two = _throttled_shards(rate, batches, 2, latency_ms, workdir)
+        details += [one, two]
+        label = f"throttle R={rate:,.0f}/s burst {rate / 10:,.0f}, {batches:,} batches"
+        rows += [
+            Row(f"{label}: 1 shard, goodput", one["goodput"], "req/s", rate, one["goodput"] / rate,
+                ">= 0.9x R, every batch delivered", one["goodput"] >= 0.9 * rate and not one["failed"]),
+            Row(f"{label}: 1 shard, share of requests answered 429", 100 * one["throttled_share"], "%",
+                target="<= 5%", met=one["throttled_share"] <= 0.05),
+            Row(f"{label}: 2 shards at once, together", two["overlap_goodput"], "req/s", rate,
+                two["overlap_goodput"] / rate, ">= 0.9x R", two["overlap_goodput"] >= 0.9 * rate and not two["failed"]),
+            Row(f"{label}: 2 shards at once, the smaller share", min(two["shares"]), "req/s", rate,
+                min(two["shares"]) / rate, ">= 0.35x R", min(two["shares"]) >= 0.35 * rate),
+            Row(f"{label}: 2 shards, share of requests answered 429", 100 * two["throttled_share"], "%",
+                target="<= 5%", met=two["throttled_share"] <= 0.05),
+        ]
+    return rows, details
+
+
 # ---------------------------------------------------------------------------- end to end
 
 
@@ -317,7 +424,7 @@ def _day_start(partition: str) -> int:
     return int(dt.datetime.fromisoformat(partition).replace(tzinfo=dt.UTC).timestamp())
 
 
-def _airflow_env(home: Path, root: Path, standin_url: str, concurrency: int) -> dict[str, str]:
+def _airflow_env(home: Path, root: Path, standin_url: str, concurrency: int, timeout: float = 30) -> dict[str, str]:
     env = os.environ.copy()
     env.update(
         {
@@ -333,7 +440,7 @@ def _airflow_env(home: Path, root: Path, standin_url: str, concurrency: int) -> 
                     "conn_type": "liveramp_capi",
                     "host": standin_url,
                     "password": CONFIG_ID,
-                    "extra": {"concurrency": concurrency, "timeout_seconds": 30, "verify_tls": False},
+                    "extra": {"concurrency": concurrency, "timeout_seconds": timeout, "verify_tls": False},
                 }
             ),
             "AIRFLOW_CONN_CAPI_STATE_DEFAULT": json.dumps({"conn_type": "sqlite", "host": str(root / "state.db")}),
@@ -433,7 +540,10 @@ def run_dag_child(partition: str, out: str) -> int:
     return 0
 
 
-def run_end_to_end(workdir: Path, airflow_home: Path, events: int, latency_ms: float, concurrency: int) -> dict[str, Any]:
+def run_end_to_end(
+    workdir: Path, airflow_home: Path, events: int, latency_ms: float, concurrency: int,
+    faults: tuple[str, ...] = (), timeout: float = 30, name: str = "e2e",
+) -> dict[str, Any]:
     """Generate a partition, run the DAG on it against a fresh stand-in, check every count.
 
     :param workdir: scratch folder (landing, output, state DB, record file).
@@ -441,20 +551,24 @@ def run_end_to_end(workdir: Path, airflow_home: Path, events: int, latency_ms: f
     :param events: records in the partition.
     :param latency_ms: the stand-in's latency.
     :param concurrency: the connection's ``concurrency`` extra.
+    :param faults: extra stand-in flags (``--error-rate 0.2`` ...).
+    :param timeout: the connection's ``timeout_seconds``.
+    :param name: prefix of the scratch folder.
     :return: timings, memory, counts and the checks.
     """
     from standin_fixture import running_standin
 
-    root = workdir / f"e2e-{events}"
+    root = workdir / f"{name}-{events}"
     if root.exists():
         shutil.rmtree(root)
     folder = root / "landing" / f"dt={PARTITION}"
     counts = write_partition(folder, events, seed=SEED, day_start=_day_start(PARTITION))
     record_file = root / "received.jsonl"
     with running_standin(
-        "--latency-ms", str(latency_ms), "--no-keep-in-memory", "--record-file", str(record_file), config_id=CONFIG_ID
+        "--latency-ms", str(latency_ms), "--no-keep-in-memory", "--record-file", str(record_file), *faults,
+        config_id=CONFIG_ID,
     ) as standin:
-        env = _airflow_env(airflow_home, root, standin.url, concurrency)
+        env = _airflow_env(airflow_home, root, standin.url, concurrency, timeout)
         _ensure_airflow_db(airflow_home, env)
         out = root / "run.json"
         log = root / "run.log"
@@ -499,7 +613,8 @@ def run_end_to_end(workdir: Path, airflow_home: Path, events: int, latency_ms: f
         "task_peak_rss": run["task_peak_rss"],
         "process_max_rss": run["process_max_rss"],
         "summary": {k: summary.get(k) for k in ("read", "valid", "rejected", "duplicates", "sessions", "batches",
-                                                  "delivered_events", "failed_events", "status")},
+                                                  "delivered_events", "failed_events", "status", "requests",
+                                                  "retries")},
         "standin_requests": stats.get("requests"),
         "checks": checks,
     }
@@ -561,6 +676,40 @@ def end_to_end_rows(big: dict[str, Any], small: dict[str, Any]) -> list[Row]:
     return rows
 
 
+#: The faults mix of issue 10: 20% 5xx, 10% 429 + Retry-After 1 s, 2% dropped connections, 0.5%
+#: stalls past the (default, 10 s) request timeout.
+FAULTS_MIX = ("--error-rate", "0.2", "--throttle-rate", "0.1", "--retry-after-seconds", "1",
+              "--drop-rate", "0.02", "--stall-rate", "0.005", "--stall-seconds", "30", "--seed", "10")
+
+
+def measure_faults_mix(workdir: Path, airflow_home: Path, events: int, latency_ms: float) -> tuple[list[Row], dict]:
+    """The same partition through the DAG twice, clean and under the faults mix (default settings:
+    64 in flight, 10 s timeout); exactly once, no Airflow task retry, wall time against clean.
+
+    :param workdir: scratch folder.
+    :param airflow_home: the Airflow home.
+    :param events: records in the partition.
+    :param latency_ms: the stand-in's latency.
+    """
+    clean = run_end_to_end(workdir, airflow_home, events, latency_ms, 64, timeout=10, name="clean")
+    faulty = run_end_to_end(workdir, airflow_home, events, latency_ms, 64, FAULTS_MIX, timeout=10, name="faults")
+    # dag.test() runs a task again in the same process after its retry delay: a label seen twice
+    # is impossible to tell apart here, but a failed batch is what would have caused the retry.
+    no_retry = faulty["summary"]["failed_events"] == 0 and all(faulty["checks"].values())
+    ratio = faulty["dag_seconds"] / clean["dag_seconds"]
+    send = sum(v for k, v in faulty["task_seconds"].items() if _task_kind(k) == "send")
+    send_clean = sum(v for k, v in clean["task_seconds"].items() if _task_kind(k) == "send")
+    rows = [
+        Row(f"faults mix, {events:,} records: DAG wall time vs the same partition clean", faulty["dag_seconds"], "s",
+            clean["dag_seconds"], ratio, "<= 2x clean, every event exactly once, no batch failed",
+            ratio <= 2 and no_retry),
+        Row("  (info) send tasks under the faults mix vs clean", send, "s", send_clean, send / max(send_clean, 1e-9)),
+        Row("  (info) requests / retries under the faults mix", faulty["summary"].get("requests") or 0, "req",
+            target=f"{faulty['summary'].get('retries')} retries"),
+    ]
+    return rows, {"clean": clean, "faults": faulty}
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -584,9 +733,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-end-to-end", action="store_true", help="only the validation and delivery figures")
     parser.add_argument("--run-dag", help=argparse.SUPPRESS)
     parser.add_argument("--run-dag-out", help=argparse.SUPPRESS)
+    parser.add_argument("--throttle-client", help=argparse.SUPPRESS)
+    parser.add_argument("--throttle-batches", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--throttle-rates", default="400,2000", help="token-bucket rates to measure (requests/s)")
+    parser.add_argument("--throttle-only", action="store_true", help="only the throttling figures")
+    parser.add_argument("--faults-events", type=int, default=100_000, help="records of the faults-mix partition")
     args = parser.parse_args(argv)
     if args.run_dag:
         return run_dag_child(args.run_dag, args.run_dag_out)
+    if args.throttle_client:
+        return run_throttle_client(args.throttle_client, args.throttle_batches, args.run_dag_out)
 
     events = args.events or (3_000 if args.quick else 1_000_000)
     validation_records = min(events, 200_000) if not args.quick else min(events, 5_000)
@@ -600,25 +756,40 @@ def main(argv: list[str] | None = None) -> int:
           f"end to end on {events:,} records; stand-in latency {args.latency_ms:g} ms", flush=True)
     rows: list[Row] = []
     details: dict[str, Any] = {}
-    lines = _generated_lines(max(validation_records, requests * 5 // 3))
-    print("1/4 validation ...", flush=True)
-    rows += measure_validation(lines[:validation_records], baseline_records)
+    if not args.throttle_only:
+        lines = _generated_lines(max(validation_records, requests * 5 // 3))
+        print("1/6 validation ...", flush=True)
+        rows += measure_validation(lines[:validation_records], baseline_records)
 
-    print("2/4 delivery ...", flush=True)
-    from standin_fixture import running_standin
+        print("2/6 delivery ...", flush=True)
+        from standin_fixture import running_standin
 
-    with running_standin("--latency-ms", str(args.latency_ms), "--no-keep-in-memory", config_id=CONFIG_ID) as standin:
-        rows += measure_delivery(standin.url, lines, requests, sequential, args.concurrency)
-    del lines
+        with running_standin("--latency-ms", str(args.latency_ms), "--no-keep-in-memory", config_id=CONFIG_ID) as standin:
+            rows += measure_delivery(standin.url, lines, requests, sequential, args.concurrency)
+        del lines
 
-    if not args.skip_end_to_end:
-        print(f"3/4 end to end, {events:,} records ...", flush=True)
+    rates = [float(r) for r in args.throttle_rates.split(",") if r][: 1 if args.quick else None]
+    batches = args.throttle_batches or (1_000 if args.quick else 21_474)
+    print(f"3/6 throttling: token bucket at {', '.join(f'{r:g}' for r in rates)} requests/s, {batches:,} batches, "
+          "20 ms latency, 1 and 2 shards ...", flush=True)
+    throttle_rows, throttle_details = measure_throttling(rates, batches, 20.0, args.workdir)
+    rows += throttle_rows
+    details["throttling"] = throttle_details
+
+    if not args.skip_end_to_end and not args.throttle_only:
+        if not args.quick:
+            print(f"4/6 faults mix vs clean, {args.faults_events:,} records ...", flush=True)
+            faults_rows, details["faults_mix"] = measure_faults_mix(
+                args.workdir, airflow_home, args.faults_events, args.latency_ms
+            )
+            rows += faults_rows
+        print(f"5/6 end to end, {events:,} records ...", flush=True)
         big = run_end_to_end(args.workdir, airflow_home, events, args.latency_ms, args.concurrency)
         small_events = max(events // 10, 100)
-        print(f"4/4 end to end, {small_events:,} records (memory growth) ...", flush=True)
+        print(f"6/6 end to end, {small_events:,} records (memory growth) ...", flush=True)
         small = run_end_to_end(args.workdir, airflow_home, small_events, args.latency_ms, args.concurrency)
         rows += end_to_end_rows(big, small)
-        details = {"end_to_end": big, "end_to_end_small": small}
+        details.update({"end_to_end": big, "end_to_end_small": small})
 
     print("5/5 console reads (a year of partitions) ...", flush=True)
     from bench_console import bench_rows

@@ -11,8 +11,14 @@ It imitates, on a loopback address only:
   documented body shape and a deterministic "refreshed" envelope (``"R1." + sha256(iv)``).
 
 Faults (latency, 5xx, 429 + Retry-After, dropped connections, stalls before/after accepting,
-a request-rate limit, rejected event ids, per-envelope refresh failures) are set with command
-line flags and changed at run time with ``POST /_standin/config``. Control endpoints under
+a request-rate limit, a token bucket, rejected event ids, per-envelope refresh failures) are set
+with command line flags and changed at run time with ``POST /_standin/config``.
+
+Throttle mode (``--rate R --burst B``, config keys ``rate`` and ``burst``): a token bucket
+refilled at R tokens/s holding at most B (default R/10); each request on either LiveRamp endpoint
+takes a token, and finds 429 + ``Retry-After`` (``retry_after_seconds``) when the bucket is empty,
+before any latency. It is how an API gateway usually throttles, and what LiveRamp may do: it
+publishes no limit. Control endpoints under
 ``/_standin/`` expose what was received and counters.
 
 Run: ``python include/liveramp_standin.py --port 8099 [--host 127.0.0.1] [--config-id cfg-1]
@@ -49,6 +55,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "stall_seconds": 30.0,
     "accept_then_stall_rate": 0.0,
     "rate_limit_rps": 0.0,
+    "rate": 0.0,
+    "burst": 0.0,
     "reject_event_ids": [],
     "seed": None,
     "refresh_err_ivs": [],
@@ -70,7 +78,7 @@ def _validate_config(update: dict[str, Any]) -> dict[str, Any]:
             value = float(value)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{key} must be between 0 and 1")
-        elif key in ("latency_ms", "stall_seconds", "rate_limit_rps", "retry_after_seconds"):
+        elif key in ("latency_ms", "stall_seconds", "rate_limit_rps", "retry_after_seconds", "rate", "burst"):
             value = float(value)
             if value < 0:
                 raise ValueError(f"{key} must be >= 0")
@@ -158,6 +166,8 @@ class StandIn:
         self.max_rps = 0
         self._admitted: collections.deque[float] = collections.deque()
         self.started = time.monotonic()
+        self._tokens: float | None = None  # a full bucket on the first request
+        self._refilled_at = self.started
 
     # -- faults -----------------------------------------------------------------------------
 
@@ -179,6 +189,20 @@ class StandIn:
         if len(admitted) >= limit:
             return True
         admitted.append(now)
+        return False
+
+    def _bucket_empty(self, now: float) -> bool:
+        """Take a token from the throttle-mode bucket; True when there was none."""
+        rate = self.config["rate"]
+        if not rate:
+            return False
+        burst = self.config["burst"] or max(1.0, rate / 10)
+        tokens = burst if self._tokens is None else min(burst, self._tokens + (now - self._refilled_at) * rate)
+        self._refilled_at = now
+        if tokens < 1.0:
+            self._tokens = tokens
+            return True
+        self._tokens = tokens - 1.0
         return False
 
     def _roll(self, key: str) -> bool:
@@ -205,6 +229,11 @@ class StandIn:
         if self._over_rate_limit(now):
             self.rate_limited += 1
             return _json({"error": "rate limit exceeded"}, 429, {"Retry-After": "1"})
+        if self._bucket_empty(now):
+            self.rate_limited += 1
+            return _json(
+                {"error": "rate limit exceeded"}, 429, {"Retry-After": str(self.config["retry_after_seconds"])}
+            )
         latency = self.config["latency_ms"]
         if latency:
             await asyncio.sleep(latency / 1000.0)
@@ -459,7 +488,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stall-rate", type=float)
     parser.add_argument("--stall-seconds", type=float)
     parser.add_argument("--accept-then-stall-rate", type=float)
-    parser.add_argument("--rate-limit-rps", type=float)
+    parser.add_argument("--rate-limit-rps", type=float, help="sliding 1-second window limit")
+    parser.add_argument("--rate", type=float, help="throttle mode: token bucket refill, requests/s")
+    parser.add_argument("--burst", type=float, help="throttle mode: bucket size (default rate/10)")
     parser.add_argument("--reject-event-ids", help="comma-separated event ids whose batch gets 400")
     parser.add_argument("--seed", type=int)
     parser.add_argument(
@@ -489,6 +520,8 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "stall_seconds",
         "accept_then_stall_rate",
         "rate_limit_rps",
+        "rate",
+        "burst",
         "reject_event_ids",
         "seed",
         "refresh_err_ivs",

@@ -205,9 +205,10 @@ def test_failures_never_reveal_the_configuration_id(monkeypatch, caplog, capfd) 
     caplog.set_level(logging.DEBUG, logger="liveramp_capi")
     caplog.set_level(logging.INFO)
     secret = "cfg-topsecret-8e2f41"
+    port = closed_port()
     set_connection(
         monkeypatch,
-        host=f"http://127.0.0.1:{closed_port()}",
+        host=f"http://127.0.0.1:{port}",
         password=secret,
         extra={
             "max_attempts": 2,
@@ -225,7 +226,8 @@ def test_failures_never_reveal_the_configuration_id(monkeypatch, caplog, capfd) 
     outcomes: list[DeliveryOutcome] = []
     stats = hook.send_batches([RawBatch("b0", 1, body("x"))], lambda batch, outcome: outcomes.append(outcome))
     assert stats.batches_failed == 1
-    assert outcomes[0].error == "retries exhausted: connection error (ClientConnectorError)"
+    # The endpoint is named by host:port (where to look), never by its path (the secret).
+    assert outcomes[0].error == f"retries exhausted: connection error (ClientConnectorError) with 127.0.0.1:{port}"
 
     ok, message = hook.test_connection()
     assert not ok and message == "base URL not reachable (ConnectionError)"

@@ -68,26 +68,15 @@ def test_refresh_against_the_standin_err_4xx_and_no_consent(standin) -> None:
         assert "E-" not in repr(outcome) and "CPXx" not in repr(outcome)
 
 
-def test_5xx_and_429_are_retried_honouring_retry_after(standin) -> None:
-    standin.config(throttle_rate=1.0, retry_after_seconds=2)
-    waits: list[float] = []
-
-    async def record(seconds: float) -> None:
-        waits.append(seconds)
-
-    outcomes, stats = refresh(standin, [row("t", "E-t")], sleep=record)
-    assert outcomes["t"].reason == "retries exhausted: HTTP 429" and outcomes["t"].attempts == 3
-    assert stats.pauses >= 1 and max(waits) >= 2.0
-
-    standin.config(throttle_rate=0.0, error_rate=0.5, seed=7)
-    standin.reset()
-    # Which request draws which fault depends on how 40 concurrent requests interleave, so the
-    # seed alone does not pin the outcome: 20 attempts make a row failing every one of them
-    # (0.5^20 per row) practically impossible, where 8 failed one run in seven.
-    settings = dataclasses.replace(FAST, max_attempts=20)
-    outcomes, stats = refresh(standin, [row(f"u{i}", f"E-{i}") for i in range(40)], settings)
-    assert all(o.refreshed for o in outcomes.values())
-    assert stats.retries > 0 and stats.requests == 40 + stats.retries
+def test_refresh_under_a_token_bucket_backs_off_like_the_sender(standin) -> None:
+    # The refresher runs the same engine: a bucket of 100 requests/s lowers its rate too.
+    standin.config(rate=100, burst=10, latency_ms=10)
+    settings = dataclasses.replace(FAST, concurrency=32, max_attempts=0)
+    outcomes, stats = refresh(standin, [row(f"u{i}", f"E-{i}") for i in range(300)], settings)
+    assert all(o.refreshed for o in outcomes.values()) and len(outcomes) == 300
+    assert stats.throttled > 0 and stats.rate_decreases >= 1
+    assert stats.requests == 300 + stats.retries and stats.throttled <= 0.25 * stats.requests
+    assert len(standin.refresh_calls()) == stats.requests
 
 
 def test_refresh_rate_against_the_standin_with_latency(standin) -> None:

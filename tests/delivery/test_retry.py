@@ -59,13 +59,23 @@ def test_can_retry_counts_the_first_attempt() -> None:
     assert not policy.can_retry(3)
 
 
+def test_the_retry_budget_is_time_from_the_first_attempt() -> None:
+    policy = RetryPolicy(retry_budget_seconds=60)
+    assert policy.can_retry(500, elapsed=10, delay=30)  # no count cap by default
+    assert policy.can_retry(2, elapsed=59, delay=1)
+    assert not policy.can_retry(2, elapsed=59, delay=1.5)  # the next attempt would start too late
+    capped = RetryPolicy(max_attempts=3, retry_budget_seconds=60)
+    assert not capped.can_retry(3, elapsed=0, delay=0)
+
+
 def test_from_settings_copies_the_tuning() -> None:
     settings = CapiSettings(
-        max_attempts=9, backoff_base_seconds=0.1, backoff_max_seconds=2, retry_after_max_seconds=5
+        max_attempts=9, backoff_base_seconds=0.1, backoff_max_seconds=2, retry_after_max_seconds=5,
+        retry_budget_seconds=42,
     )
     policy = RetryPolicy.from_settings(settings, random.Random(0))
     assert (policy.max_attempts, policy.backoff_base_seconds, policy.backoff_max_seconds) == (9, 0.1, 2)
-    assert policy.retry_after_max_seconds == 5
+    assert policy.retry_after_max_seconds == 5 and policy.retry_budget_seconds == 42
 
 
 @pytest.mark.parametrize(
@@ -110,7 +120,8 @@ def test_from_extra_pops_tuning_keys_and_keeps_the_rest() -> None:
 def test_defaults() -> None:
     settings, remaining = CapiSettings.from_extra({})
     assert settings == CapiSettings()
-    assert (settings.concurrency, settings.max_attempts, settings.max_batch_events) == (64, 6, 50)
+    assert (settings.concurrency, settings.max_attempts, settings.max_batch_events) == (64, 0, 50)
+    assert settings.retry_budget_seconds == 600 and settings.adaptive and settings.progress_interval_seconds == 15
     assert remaining == {}
 
 
@@ -125,7 +136,10 @@ def test_defaults() -> None:
         ({"max_batch_events": 0}, "max_batch_events"),
         ({"timeout_seconds": 0}, "timeout_seconds"),
         ({"timeout_seconds": "inf"}, "timeout_seconds"),
-        ({"max_attempts": 0}, "max_attempts"),
+        ({"max_attempts": -1}, "max_attempts"),
+        ({"retry_budget_seconds": 0}, "retry_budget_seconds"),
+        ({"progress_interval_seconds": 0}, "progress_interval_seconds"),
+        ({"adaptive": "sometimes"}, "adaptive"),
         ({"max_requests_per_second": -1}, "max_requests_per_second"),
         ({"backoff_base_seconds": 5, "backoff_max_seconds": 1}, "backoff_max_seconds"),
         ({"verify_tls": "maybe"}, "verify_tls"),

@@ -2,8 +2,8 @@
 
 Two mechanisms live in one object because every worker must consult both before each request:
 
-* a token bucket (implemented as GCRA: each caller reserves the next free slot and sleeps until
-  it, so no lock and no background refill task are needed), and
+* a token bucket (implemented as GCRA: each caller reserves the next free slot, at most a short
+  horizon ahead, and sleeps until it, so no lock and no background refill task are needed), and
 * a shared "not before" instant: when one worker is told 429 + ``Retry-After``, every worker
   holds its next request until then, instead of each discovering the throttle on its own.
 """
@@ -14,6 +14,10 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 __all__ = ["RateLimiter"]
+
+#: How far ahead a caller may book a slot, and how often a caller further back looks again.
+_HORIZON = 0.25
+_RECHECK = 0.25
 
 
 class RateLimiter:
@@ -53,6 +57,21 @@ class RateLimiter:
         self._clock = clock
         self.pauses = 0
 
+    def set_rate(self, rate_per_second: float, burst: int | None = None) -> None:
+        """
+        Change the sustained rate (the adaptive controller does, after each decision).
+
+        :param rate_per_second: the new rate; ``0`` means unlimited.
+        :param burst: the new burst; unchanged when ``None``.
+        """
+        if rate_per_second < 0:
+            raise ValueError(f"rate_per_second must be >= 0, got {rate_per_second!r}")
+        if burst is not None:
+            self.burst = max(1, burst)
+        self.rate_per_second = float(rate_per_second)
+        self._interval = 1.0 / self.rate_per_second if self.rate_per_second > 0 else 0.0
+        self._tolerance = self._interval * (self.burst - 1)
+
     def _now(self) -> float:
         if self._clock is not None:
             return self._clock()
@@ -84,27 +103,37 @@ class RateLimiter:
 
     def _reserve(self, now: float) -> float:
         """Reserve the next slot and return how long the caller must wait for it."""
-        start = max(now, self._not_before)
-        if self._interval:
-            tat = max(self._tat, start)
-            self._tat = tat + self._interval
-            start = max(start, tat - self._tolerance)
-        return start - now
+        tat = max(self._tat, now)
+        self._tat = tat + self._interval
+        return max(now, tat - self._tolerance) - now
 
     async def acquire(self) -> None:
         """Wait until the caller may send one request."""
         now = self._now()
         if not self._interval and now >= self._not_before:
             return  # the common, unlimited case: no coroutine switch at all
-        wait = self._reserve(now)
-        # A pause can be extended while we sleep (another 429); re-check a bounded number of
-        # times so an injected no-op sleep in tests cannot spin forever.
-        for _ in range(3):
-            if wait <= 0:
+        # Bounded, so an injected sleep that does not advance the clock cannot spin forever.
+        for _ in range(8):
+            if now < self._not_before:
+                # A pause can be extended while we sleep (another 429): check again after it.
+                await self._sleep(self._not_before - now)
+                now = self._now()
+                continue
+            if not self._interval:
                 return
-            await self._sleep(wait)
+            # Slots are reserved only a short horizon ahead: the adaptive controller changes the
+            # rate several times a second, and a slot booked far ahead at an old, low rate would
+            # keep its caller waiting long after the rate went up.
+            ahead = max(now, self._tat - self._tolerance) - now
+            if ahead <= _HORIZON:
+                wait = self._reserve(now)
+                if wait > 0:
+                    await self._sleep(wait)
+                return
+            await self._sleep(min(ahead - _HORIZON, _RECHECK))
             now = self._now()
-            if now >= self._not_before:
-                return
-            # Take a fresh slot after the new pause so waiters do not all fire at its end.
+        if self._interval:
+            # Looked often enough: book the next slot however far ahead, and wait for it.
             wait = self._reserve(now)
+            if wait > 0:
+                await self._sleep(wait)

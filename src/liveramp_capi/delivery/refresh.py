@@ -4,11 +4,11 @@
 (or ``gpp`` + ``gpp_sid`` instead of ``ct`` + ``cv``). The answer holds ``envelopes[]`` entries
 with ``type``, ``value`` and ``err``; the type-19 entry is the refreshed CAPI-scoped envelope.
 
-Plain Python and aiohttp, no Airflow import. The same retry discipline as the batch sender
-(:class:`~liveramp_capi.delivery.retry.RetryPolicy`, :class:`~liveramp_capi.delivery.ratelimit.RateLimiter`):
-408, 429, 5xx, timeouts and connection errors are retried with backoff and ``Retry-After``; any
-other 4xx, an ``err`` on the type-19 entry, or no type-19 entry at all is a failure for that row.
-A row without consent is never sent.
+Plain Python and aiohttp, no Airflow import. The request loop is the batch sender's
+(:class:`~liveramp_capi.delivery.engine.RequestEngine`): adaptive pacing and concurrency, 408,
+429, 5xx, timeouts and connection errors retried with backoff and ``Retry-After`` within the
+retry budget; any other 4xx, an ``err`` on the type-19 entry, or no type-19 entry at all is a
+failure for that row. A row without consent is never sent.
 
 The envelope, the consent string and the IP travel in the query string and headers: no log
 line, exception message or outcome reason built here contains the URL or any of them.
@@ -19,8 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,8 +27,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from liveramp_capi.delivery.pool import PoolState, RequestStats, run_pool
-from liveramp_capi.delivery.retry import RetryPolicy, parse_retry_after
+from liveramp_capi.delivery.engine import Failure, Request, RequestEngine, RequestStats
 from liveramp_capi.delivery.settings import TUNING_KEYS, CapiConfigError, CapiSettings, check_base_url
 from liveramp_capi.domain.envelopes import StoredEnvelope
 
@@ -90,7 +88,7 @@ class RefreshStats(RequestStats):
     :param skipped_consent: rows not sent because they hold no consent.
     :param failed_by_reason: failures by reason.
 
-    The request counters come from :class:`~liveramp_capi.delivery.pool.RequestStats`.
+    The request counters come from :class:`~liveramp_capi.delivery.engine.RequestStats`.
     """
 
     refreshed: int = 0
@@ -133,19 +131,16 @@ def parse_refresh_body(body: bytes) -> tuple[str | None, str | None]:
     return None, REASON_NO_TYPE_19
 
 
-_TLS_ERRORS = (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError)
-
-
 class EnvelopeRefresher:
-    """Refresh envelopes with bounded concurrency, retries, a rate ceiling and ``Retry-After``.
+    """Refresh envelopes through the shared request engine.
 
     :param base_url: e.g. ``https://api.rlcdn.com``.
     :param placement_id: the ATS placement id (``pid``).
-    :param settings: concurrency, timeouts, retry and rate tuning (``max_batch_events`` unused).
+    :param settings: ceilings, timeouts, retry budget and backoff (``max_batch_events`` unused).
     :param origin: the ``Origin`` header that passed LiveRamp's privacy review, if any.
     :param extra_headers: further headers; tuning keys are dropped.
     :param rng: jitter source; seed it in tests.
-    :param sleep: coroutine used for backoff waits.
+    :param sleep: coroutine used for backoff and pacing waits.
     """
 
     def __init__(
@@ -163,7 +158,6 @@ class EnvelopeRefresher:
             raise CapiConfigError("the placement id (pid) is empty")
         base = check_base_url(base_url, verify_tls=settings.verify_tls)
         self.settings = settings
-        self.policy = RetryPolicy.from_settings(settings, rng)
         self._url = URL(base + REFRESH_PATH)
         self._pid = placement_id.strip()
         headers = {"Accept": "application/json"}
@@ -172,45 +166,53 @@ class EnvelopeRefresher:
                 headers[name] = value
         if origin:
             headers["Origin"] = origin
-        self._headers = headers
-        self._timeout = aiohttp.ClientTimeout(
-            total=settings.timeout_seconds, connect=settings.connect_timeout_seconds
-        )
-        self._sleep = sleep
+        self._engine = RequestEngine(settings, base, headers, rng=rng, sleep=sleep)
+        self.policy = self._engine.policy
         self.last_stats: RefreshStats | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(concurrency={self.settings.concurrency})"
 
-    def _query(self, row: StoredEnvelope) -> dict[str, str]:
-        query = {"pid": self._pid, "it": str(CAPI_ENVELOPE_TYPE), "iv": row.envelope}
-        query.update(row.consent.query() if row.consent is not None else {})
-        return query
-
     async def refresh(
-        self, rows: Iterable[StoredEnvelope], on_outcome: Callable[[RefreshOutcome], None]
+        self,
+        rows: Iterable[StoredEnvelope],
+        on_outcome: Callable[[RefreshOutcome], None],
+        *,
+        label: str = "refresh",
     ) -> RefreshStats:
         """Refresh every row of ``rows`` and report each result to ``on_outcome``.
 
-        ``rows`` is consumed lazily by ``settings.concurrency`` workers, so at most that many
-        rows are held (plus whatever page the iterable itself holds).
+        ``rows`` is consumed lazily: at most ``settings.concurrency`` rows are in flight and
+        four times that many held (plus whatever page the iterable itself holds).
 
         :param rows: rows to refresh (a generator over store pages is fine).
         :param on_outcome: called once per row on the event loop thread; keep it fast.
+        :param label: names the run in the progress lines.
         :return: the counters.
         """
         stats = RefreshStats()
         self.last_stats = stats
-        return await run_pool(
-            settings=self.settings,
-            headers=self._headers,
-            timeout=self._timeout,
-            sleep=self._sleep,
-            items=rows,
-            on_outcome=on_outcome,
-            stats=stats,
-            worker=self._worker,
-        )
+
+        def count(row: StoredEnvelope, outcome: RefreshOutcome) -> None:
+            if outcome.skipped:
+                stats.skipped_consent += 1
+            elif outcome.refreshed:
+                stats.refreshed += 1
+            else:
+                stats.failed += 1
+                reason = outcome.reason or "failed"
+                stats.failed_by_reason[reason] = stats.failed_by_reason.get(reason, 0) + 1
+            on_outcome(outcome)
+
+        def with_consent() -> Iterator[StoredEnvelope]:
+            for row in rows:
+                if row.consent is None or not row.consent.query():
+                    # Never refresh an envelope without the consent captured with it.
+                    count(row, RefreshOutcome(row, skipped=True, reason=REASON_CONSENT_MISSING))
+                else:
+                    yield row
+
+        return await self._engine.run(with_consent(), self, count, stats, label=label)
 
     def refresh_sync(
         self, rows: Iterable[StoredEnvelope], on_outcome: Callable[[RefreshOutcome], None]
@@ -222,81 +224,24 @@ class EnvelopeRefresher:
         """
         return asyncio.run(self.refresh(rows, on_outcome))
 
-    async def _worker(self, state: PoolState[Any, RefreshStats]) -> None:
-        stats = state.stats
-        while not state.stop:
-            try:
-                row = next(state.iterator)
-            except StopIteration:
-                return
-            except Exception as exc:  # the producer failed: stop pulling, let others finish
-                state.fail(exc)
-                return
-            if row.consent is None or not row.consent.query():
-                # Never refresh an envelope without the consent captured with it.
-                outcome = RefreshOutcome(row, skipped=True, reason=REASON_CONSENT_MISSING)
-                stats.skipped_consent += 1
-            else:
-                outcome = await self._refresh_one(state, row)
-                if outcome.refreshed:
-                    stats.refreshed += 1
-                else:
-                    stats.failed += 1
-                    reason = outcome.reason or "failed"
-                    stats.failed_by_reason[reason] = stats.failed_by_reason.get(reason, 0) + 1
-            try:
-                state.on_outcome(outcome)
-            except Exception as exc:
-                state.fail(exc)
-                return
+    # -- the engine's Exchange ----------------------------------------------------------------
 
-    async def _refresh_one(self, state: PoolState[Any, RefreshStats], row: StoredEnvelope) -> RefreshOutcome:
-        session = state.session
-        limiter = state.limiter
-        stats = state.stats
-        policy = self.policy
-        url = self._url.with_query(self._query(row))
+    def request(self, row: StoredEnvelope) -> Request:
+        """The row's GET: envelope and consent in the query, the user's IP in ``X-Forwarded-For``."""
+        query = {"pid": self._pid, "it": str(CAPI_ENVELOPE_TYPE), "iv": row.envelope}
+        query.update(row.consent.query() if row.consent is not None else {})
         headers = {"X-Forwarded-For": row.client_ip} if row.client_ip else None
-        attempts = 0
-        status: int | None = None
-        while True:
-            await limiter.acquire()
-            attempts += 1
-            stats.requests += 1
-            retry_after: float | None = None
-            try:
-                async with session.get(url, headers=headers, allow_redirects=False) as response:
-                    status = response.status
-                    stats.status_counts[status] = stats.status_counts.get(status, 0) + 1
-                    body = await response.content.read(_MAX_BODY_BYTES)
-                    if 200 <= status < 300:
-                        envelope, reason = parse_refresh_body(body)
-                        if envelope is not None:
-                            return RefreshOutcome(row, envelope, refreshed=True, status=status, attempts=attempts)
-                        return RefreshOutcome(row, reason=reason, status=status, attempts=attempts)
-                    if not policy.is_retryable_status(status):
-                        return RefreshOutcome(row, reason=f"HTTP {status}", status=status, attempts=attempts)
-                    header = response.headers.get("Retry-After")
-                    if header is not None:
-                        retry_after = parse_retry_after(header, time.time())
-                    error = f"HTTP {status}"
-            except TimeoutError:
-                error = "timeout"
-                stats.error_counts["timeout"] = stats.error_counts.get("timeout", 0) + 1
-            except _TLS_ERRORS as exc:
-                kind = type(exc).__name__
-                stats.error_counts[kind] = stats.error_counts.get(kind, 0) + 1
-                return RefreshOutcome(row, reason=f"TLS error ({kind})", status=status, attempts=attempts)
-            except (aiohttp.ClientError, OSError) as exc:
-                # str(exc) of aiohttp errors holds the URL, hence the envelope: class name only.
-                kind = type(exc).__name__
-                error = f"connection error ({kind})"
-                stats.error_counts[kind] = stats.error_counts.get(kind, 0) + 1
-            if not policy.can_retry(attempts):
-                return RefreshOutcome(row, reason=f"retries exhausted: {error}", status=status, attempts=attempts)
-            delay = policy.delay(attempts, retry_after)
-            if status == 429 or retry_after is not None:
-                limiter.pause_for(delay if retry_after is None else min(retry_after, delay))
-            stats.retries += 1
-            if delay > 0:
-                await self._sleep(delay)
+        return Request("GET", self._url.with_query(query), headers=headers)
+
+    async def accepted(
+        self, row: StoredEnvelope, response: aiohttp.ClientResponse, attempts: int
+    ) -> RefreshOutcome:
+        """A 2xx: refreshed when the body holds a usable type-19 envelope, else failed for good."""
+        envelope, reason = parse_refresh_body(await response.content.read(_MAX_BODY_BYTES))
+        if envelope is not None:
+            return RefreshOutcome(row, envelope, refreshed=True, status=response.status, attempts=attempts)
+        return RefreshOutcome(row, reason=reason, status=response.status, attempts=attempts)
+
+    def failed(self, row: StoredEnvelope, failure: Failure) -> RefreshOutcome:
+        """A refused or abandoned row (the error text holds no identifier)."""
+        return RefreshOutcome(row, reason=failure.error, status=failure.status, attempts=failure.attempts)

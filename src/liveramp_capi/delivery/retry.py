@@ -53,16 +53,18 @@ class RetryPolicy:
     """
     Retry decisions and backoff delays for one delivery.
 
-    :param max_attempts: attempts per batch, the first included.
+    :param max_attempts: optional cap on attempts per item, the first included (0 = no cap).
+    :param retry_budget_seconds: how long an item may keep retrying, from its first attempt.
     :param backoff_base_seconds: upper bound of the first backoff delay.
     :param backoff_max_seconds: cap of the exponential upper bound.
     :param retry_after_max_seconds: cap applied to a server-supplied ``Retry-After``.
     :param rng: source of the jitter; inject a seeded ``random.Random`` in tests.
     """
 
-    max_attempts: int = 6
+    max_attempts: int = 0
+    retry_budget_seconds: float = 600.0
     backoff_base_seconds: float = 0.5
-    backoff_max_seconds: float = 30.0
+    backoff_max_seconds: float = 5.0
     retry_after_max_seconds: float = 120.0
     rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
 
@@ -76,6 +78,7 @@ class RetryPolicy:
         """
         return cls(
             max_attempts=settings.max_attempts,
+            retry_budget_seconds=settings.retry_budget_seconds,
             backoff_base_seconds=settings.backoff_base_seconds,
             backoff_max_seconds=settings.backoff_max_seconds,
             retry_after_max_seconds=settings.retry_after_max_seconds,
@@ -91,13 +94,20 @@ class RetryPolicy:
         """
         return status == 408 or status == 429 or 500 <= status <= 599
 
-    def can_retry(self, attempts_made: int) -> bool:
+    def can_retry(self, attempts_made: int, elapsed: float = 0.0, delay: float = 0.0) -> bool:
         """
-        Tell whether another attempt is allowed after ``attempts_made`` attempts.
+        Tell whether another attempt is allowed.
 
-        :param attempts_made: attempts already made for the batch (1 after the first request).
+        A budget of time rather than a count: a storm of transient failures is ridden out by
+        the item itself instead of escalating into a task retry, however many attempts it takes.
+
+        :param attempts_made: attempts already made for the item (1 after the first request).
+        :param elapsed: seconds since the item's first attempt started.
+        :param delay: the wait before the next attempt; it must start within the budget.
         """
-        return attempts_made < self.max_attempts
+        if self.max_attempts and attempts_made >= self.max_attempts:
+            return False
+        return elapsed + delay <= self.retry_budget_seconds
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """
@@ -106,7 +116,7 @@ class RetryPolicy:
         Full jitter (a uniform draw between 0 and the exponential bound) spreads the retries of
         many workers that failed together, instead of having them hit the server in lock-step.
 
-        :param attempt: attempts already made for this batch (1 after the first failure).
+        :param attempt: attempts already made for this item (1 after the first failure).
         :param retry_after: the server's ``Retry-After`` in seconds, if any; the delay is then at
             least that long, capped at ``retry_after_max_seconds``.
         """

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -25,8 +24,7 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
-from liveramp_capi.delivery.pool import PoolState, RequestStats, run_pool
-from liveramp_capi.delivery.retry import RetryPolicy, parse_retry_after
+from liveramp_capi.delivery.engine import Failure, Request, RequestEngine, RequestStats
 from liveramp_capi.delivery.settings import TUNING_KEYS, CapiConfigError, CapiSettings, check_base_url
 
 __all__ = ["BatchSender", "DeliveryOutcome", "DeliveryStats", "OutgoingBatch", "RawBatch"]
@@ -80,8 +78,8 @@ class DeliveryOutcome:
     :param status: the last HTTP status received, ``None`` if no answer ever arrived.
     :param attempts: requests made for this batch.
     :param error: sanitized reason of a failure (``"HTTP 400"``, ``"timeout after 10.0 s"``,
-        ``"connection error (ClientOSError)"``, ``"retries exhausted: HTTP 503"``); never holds
-        the URL, the configuration ID or event data.
+        ``"connection error (ClientOSError) with host:443"``, ``"retries exhausted: HTTP 503"``);
+        never holds the URL path, the configuration ID or event data.
     :param response_excerpt: start of the last error response body (at most
         ``body_excerpt_bytes``); it is the server's text and may echo event data, so keep it
         out of logs.
@@ -109,7 +107,7 @@ class DeliveryStats(RequestStats):
     :param events_acknowledged: events in acknowledged batches.
     :param events_failed: events in failed batches.
 
-    The request counters come from :class:`~liveramp_capi.delivery.pool.RequestStats`.
+    The request counters come from :class:`~liveramp_capi.delivery.engine.RequestStats`.
     """
 
     batches_acknowledged: int = 0
@@ -135,16 +133,13 @@ class DeliveryStats(RequestStats):
         }
 
 
-_TLS_ERRORS = (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError)
-
-
 class BatchSender:
     """
-    Send batches to ``{base_url}/send-events/{config_id}`` with bounded concurrency and retries.
+    Send batches to ``{base_url}/send-events/{config_id}`` through the shared request engine.
 
     :param base_url: e.g. ``https://capi.analytics.rlcdn.com`` (http or https).
     :param config_id: the ATS configuration ID (secret; percent-encoded into the path).
-    :param settings: concurrency, timeouts, retry and rate tuning.
+    :param settings: ceilings, timeouts, retry budget and backoff.
     :param extra_headers: added to every request after ``Content-Type``; tuning keys are dropped.
     :param rng: jitter source of the backoff; seed it in tests.
     :param sleep: coroutine used for backoff and pacing waits; inject a recorder in tests.
@@ -164,19 +159,14 @@ class BatchSender:
             raise CapiConfigError("the ATS configuration ID is empty")
         base = check_base_url(base_url, verify_tls=settings.verify_tls)
         self.settings = settings
-        self.policy = RetryPolicy.from_settings(settings, rng)
         self._url = URL(f"{base}/send-events/{quote(config_id, safe='')}", encoded=True)
-        self._config_id = config_id
+        self._secrets = (config_id, quote(config_id, safe=""))
         headers = {"Content-Type": "application/json"}
         for name, value in (extra_headers or {}).items():
             if name not in TUNING_KEYS:
                 headers[name] = value
-        self._headers = headers
-        self._timeout = aiohttp.ClientTimeout(
-            total=settings.timeout_seconds, connect=settings.connect_timeout_seconds
-        )
-        self._timeout_error = f"timeout after {settings.timeout_seconds} s"
-        self._sleep = sleep
+        self._engine = RequestEngine(settings, base, headers, rng=rng, sleep=sleep)
+        self.policy = self._engine.policy
         self.last_stats: DeliveryStats | None = None
 
     def __repr__(self) -> str:
@@ -187,59 +177,32 @@ class BatchSender:
         self,
         batches: Iterable[OutgoingBatch],
         on_outcome: Callable[[OutgoingBatch, DeliveryOutcome], None],
+        *,
+        label: str = "send",
+        remaining: Callable[[], int | str | None] | None = None,
     ) -> DeliveryStats:
         """
         Deliver every batch of ``batches`` and report each result to ``on_outcome``.
 
-        ``batches`` is consumed lazily by ``settings.concurrency`` workers sharing one iterator,
-        so at most that many batches are held at any time. If the iterable or ``on_outcome``
-        raises, no further batch is pulled, the batches in flight finish (and are reported),
-        then the exception is re-raised; ``self.last_stats`` holds the counters so far.
+        ``batches`` is consumed lazily by workers sharing one iterator: at most
+        ``settings.concurrency`` batches are in flight and at most four times that many are held
+        at any time (the rest wait out a backoff or ``Retry-After``). If the iterable or
+        ``on_outcome`` raises, no further batch is pulled, the batches in flight finish (and are
+        reported), then the exception is re-raised; ``self.last_stats`` holds the counters so far.
 
         :param batches: the batches; a generator is fine (and recommended for large partitions).
         :param on_outcome: called exactly once per pulled batch, synchronously on the event
             loop thread; it must be fast and non-blocking (e.g. append to a buffer), because
             every worker waits while it runs.
+        :param label: names the run in the progress lines (e.g. ``"shard 3"``).
+        :param remaining: how much is left, for the progress lines (batches, or a text such as
+            ``"1,234 events"``).
         :return: the delivery counters.
         """
         stats = DeliveryStats()
         self.last_stats = stats
-        return await run_pool(
-            settings=self.settings,
-            headers=self._headers,
-            timeout=self._timeout,
-            sleep=self._sleep,
-            items=batches,
-            on_outcome=on_outcome,
-            stats=stats,
-            worker=self._worker,
-        )
 
-    def deliver_sync(
-        self,
-        batches: Iterable[OutgoingBatch],
-        on_outcome: Callable[[OutgoingBatch, DeliveryOutcome], None],
-    ) -> DeliveryStats:
-        """
-        Run :meth:`deliver` in a fresh event loop; not callable from inside a running loop.
-
-        :param batches: see :meth:`deliver`.
-        :param on_outcome: see :meth:`deliver`.
-        """
-        return asyncio.run(self.deliver(batches, on_outcome))
-
-    async def _worker(self, state: PoolState[Any, DeliveryStats]) -> None:
-        iterator = state.iterator
-        stats = state.stats
-        while not state.stop:
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                return
-            except Exception as exc:  # the producer failed: stop pulling, let others finish
-                state.fail(exc)
-                return
-            outcome = await self._deliver_one(state, batch)
+        def count(batch: OutgoingBatch, outcome: DeliveryOutcome) -> None:
             if outcome.acknowledged:
                 stats.batches_acknowledged += 1
                 stats.events_acknowledged += batch.event_count
@@ -248,89 +211,46 @@ class BatchSender:
                 stats.events_failed += batch.event_count
                 if outcome.permanent:
                     stats.batches_failed_permanent += 1
-            try:
-                state.on_outcome(batch, outcome)
-            except Exception as exc:
-                state.fail(exc)
-                return
+            on_outcome(batch, outcome)
 
-    async def _deliver_one(self, state: PoolState[Any, DeliveryStats], batch: OutgoingBatch) -> DeliveryOutcome:
-        session = state.session
-        limiter = state.limiter
-        stats = state.stats
-        policy = self.policy
-        status_counts = stats.status_counts
-        url = self._url
-        body = batch.body
-        attempts = 0
-        status: int | None = None
-        excerpt: str | None = None
-        while True:
-            await limiter.acquire()
-            attempts += 1
-            stats.requests += 1
-            retry_after: float | None = None
-            try:
-                async with session.post(url, data=body, allow_redirects=False) as response:
-                    status = response.status
-                    status_counts[status] = status_counts.get(status, 0) + 1
-                    if 200 <= status < 300:
-                        # Reading the (small) body lets the connection go back to the pool.
-                        await response.read()
-                        return DeliveryOutcome(batch.batch_id, True, status, attempts)
-                    excerpt = await self._read_excerpt(response)
-                    if not policy.is_retryable_status(status):
-                        return DeliveryOutcome(
-                            batch.batch_id, False, status, attempts, f"HTTP {status}", excerpt, True
-                        )
-                    header = response.headers.get("Retry-After")
-                    if header is not None:
-                        retry_after = parse_retry_after(header, time.time())
-                    error = f"HTTP {status}"
-            except TimeoutError:
-                error = self._timeout_error
-                self._count_error(stats, "timeout")
-            except _TLS_ERRORS as exc:
-                # Another attempt cannot fix a certificate problem.
-                kind = type(exc).__name__
-                self._count_error(stats, kind)
-                return DeliveryOutcome(
-                    batch.batch_id, False, status, attempts, f"TLS error ({kind})", None, True
-                )
-            except (aiohttp.ClientError, OSError) as exc:
-                kind = type(exc).__name__
-                error = f"connection error ({kind})"
-                self._count_error(stats, kind)
+        return await self._engine.run(batches, self, count, stats, label=label, remaining=remaining)
 
-            if not policy.can_retry(attempts):
-                return DeliveryOutcome(
-                    batch.batch_id, False, status, attempts, f"retries exhausted: {error}", excerpt, False
-                )
-            delay = policy.delay(attempts, retry_after)
-            if status == 429 or retry_after is not None:
-                # Hold every worker, not just this one, so a throttle does not become a storm.
-                limiter.pause_for(delay if retry_after is None else min(retry_after, delay))
-            stats.retries += 1
-            if delay > 0:
-                await self._sleep(delay)
+    def deliver_sync(
+        self,
+        batches: Iterable[OutgoingBatch],
+        on_outcome: Callable[[OutgoingBatch, DeliveryOutcome], None],
+        **progress: Any,
+    ) -> DeliveryStats:
+        """
+        Run :meth:`deliver` in a fresh event loop; not callable from inside a running loop.
 
-    async def _read_excerpt(self, response: aiohttp.ClientResponse) -> str | None:
-        limit = self.settings.body_excerpt_bytes
-        if limit <= 0:
-            return None
-        chunks = bytearray()
-        try:
-            while len(chunks) < limit:
-                chunk = await response.content.read(limit - len(chunks))
-                if not chunk:
-                    break
-                chunks += chunk
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            pass  # the status alone decides; a truncated excerpt is fine
-        text = chunks.decode("utf-8", errors="replace")
-        # Some servers echo the request path; keep the configuration ID out of the excerpt.
-        return text.replace(self._config_id, "***").replace(quote(self._config_id, safe=""), "***")
+        :param batches: see :meth:`deliver`.
+        :param on_outcome: see :meth:`deliver`.
+        :param progress: ``label`` and ``remaining``, see :meth:`deliver`.
+        """
+        return asyncio.run(self.deliver(batches, on_outcome, **progress))
 
-    @staticmethod
-    def _count_error(stats: DeliveryStats, kind: str) -> None:
-        stats.error_counts[kind] = stats.error_counts.get(kind, 0) + 1
+    # -- the engine's Exchange ----------------------------------------------------------------
+
+    def request(self, batch: OutgoingBatch) -> Request:
+        """The batch's POST."""
+        return Request("POST", self._url, batch.body)
+
+    async def accepted(
+        self, batch: OutgoingBatch, response: aiohttp.ClientResponse, attempts: int
+    ) -> DeliveryOutcome:
+        """A 2xx: acknowledged (the small body is read so the connection goes back to the pool)."""
+        await response.read()
+        return DeliveryOutcome(batch.batch_id, True, response.status, attempts)
+
+    def failed(self, batch: OutgoingBatch, failure: Failure) -> DeliveryOutcome:
+        """A refused or abandoned batch, with an excerpt of the answer free of the configuration ID."""
+        excerpt = None
+        if failure.excerpt is not None:
+            excerpt = failure.excerpt.decode("utf-8", errors="replace")
+            # Some servers echo the request path; keep the configuration ID out of the excerpt.
+            for secret in self._secrets:
+                excerpt = excerpt.replace(secret, "***")
+        return DeliveryOutcome(
+            batch.batch_id, False, failure.status, failure.attempts, failure.error, excerpt, failure.permanent
+        )

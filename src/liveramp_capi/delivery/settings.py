@@ -114,14 +114,22 @@ class CapiSettings:
     """
     Tuning of the batch sender; every field can be set by the same key in the connection extra.
 
-    :param concurrency: requests in flight at once (1..1024); also the connection pool size.
+    :param concurrency: hard ceiling of requests in flight at once (1..1024); also the
+        connection pool size. Below it the engine adapts the limit to the answers' latency.
     :param timeout_seconds: total time allowed for one request (connect + send + answer).
     :param connect_timeout_seconds: time allowed to obtain a connection.
-    :param max_attempts: attempts per batch, the first one included (1 = no retry).
+    :param retry_budget_seconds: how long one item may keep retrying transient failures,
+        counted from its first attempt; the next attempt is not made past it.
+    :param max_attempts: optional cap on attempts per item, the first one included (0 = no cap:
+        the time budget alone decides; 1 = no retry).
     :param backoff_base_seconds: first retry waits up to this long (full jitter, doubling).
     :param backoff_max_seconds: cap of the exponential backoff.
     :param retry_after_max_seconds: cap applied to a server's ``Retry-After``.
-    :param max_requests_per_second: request-rate ceiling across all workers (0 = none).
+    :param max_requests_per_second: hard request-rate ceiling of this connection (0 = none);
+        below it the rate adapts to 429 answers.
+    :param adaptive: adapt the request rate to 429 answers and the in-flight limit to latency;
+        ``False`` keeps both at their ceilings (the pre-adaptive behaviour, for diagnosis).
+    :param progress_interval_seconds: how often a progress line is logged while sending.
     :param max_batch_events: events per request (1..1000; LiveRamp warns about large batches).
     :param verify_tls: verify TLS certificates; ``False`` only for the local stand-in on loopback.
     :param body_excerpt_bytes: how much of a rejected batch's response body is kept.
@@ -130,14 +138,17 @@ class CapiSettings:
     concurrency: int = 64
     timeout_seconds: float = 10.0
     connect_timeout_seconds: float = 5.0
-    max_attempts: int = 6
+    retry_budget_seconds: float = 600.0
+    max_attempts: int = 0
     backoff_base_seconds: float = 0.5
-    backoff_max_seconds: float = 30.0
+    backoff_max_seconds: float = 5.0
     retry_after_max_seconds: float = 120.0
     max_requests_per_second: float = 0
     max_batch_events: int = 50
     verify_tls: bool = True
     body_excerpt_bytes: int = 2048
+    adaptive: bool = True
+    progress_interval_seconds: float = 15.0
 
     def __post_init__(self) -> None:
         def check(ok: bool, key: str, rule: str) -> None:
@@ -147,7 +158,8 @@ class CapiSettings:
         check(1 <= self.concurrency <= 1024, "concurrency", "between 1 and 1024")
         check(0 < self.timeout_seconds <= 3600, "timeout_seconds", "> 0 and <= 3600")
         check(0 < self.connect_timeout_seconds <= 3600, "connect_timeout_seconds", "> 0 and <= 3600")
-        check(1 <= self.max_attempts <= 100, "max_attempts", "between 1 and 100")
+        check(0 < self.retry_budget_seconds <= 86_400, "retry_budget_seconds", "> 0 and <= 86400")
+        check(0 <= self.max_attempts <= 1000, "max_attempts", "between 0 (no cap) and 1000")
         check(0 <= self.backoff_base_seconds <= 3600, "backoff_base_seconds", ">= 0 and <= 3600")
         check(
             self.backoff_base_seconds <= self.backoff_max_seconds <= 3600,
@@ -162,6 +174,7 @@ class CapiSettings:
             "between 1 and 1000 (the Conversions API takes at most 1000 events per request)",
         )
         check(0 <= self.body_excerpt_bytes <= 1 << 20, "body_excerpt_bytes", "between 0 and 1048576")
+        check(0 < self.progress_interval_seconds <= 86_400, "progress_interval_seconds", "> 0 and <= 86400")
 
     @classmethod
     def from_extra(

@@ -114,15 +114,18 @@ class LiveRampCapiHook(LiveRampHttpHook):
         self,
         batches: Iterable[OutgoingBatch],
         on_outcome: Callable[[OutgoingBatch, DeliveryOutcome], None],
+        **progress: Any,
     ) -> DeliveryStats:
         """
         Deliver ``batches`` concurrently (blocking; runs its own event loop).
 
         :param batches: consumed lazily; see :meth:`BatchSender.deliver`.
         :param on_outcome: called once per batch on the event loop thread; keep it fast.
+        :param progress: ``label`` and ``remaining`` of the progress lines, see
+            :meth:`BatchSender.deliver`.
         :return: delivery counters.
         """
-        return self.get_sender().deliver_sync(batches, on_outcome)
+        return self.get_sender().deliver_sync(batches, on_outcome, **progress)
 
     def send_batch_sequential(self, body: bytes) -> int:
         """

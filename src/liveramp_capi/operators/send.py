@@ -255,7 +255,12 @@ class SendConversionsOperator(BaseOperator):
                 )
             )
 
-        stats = capi.send_batches(batches(), on_outcome)
+        shard_events = sum(len(session.entries) for session in sessions)
+        resolved = ("delivered_events", "failed_events", "previously_delivered_events", "envelope_expired_events")
+        stats = capi.send_batches(  # a progress line every progress_interval_seconds (connection extra)
+            batches(), on_outcome, label=f"shard {shard}",
+            remaining=lambda: f"{shard_events - sum(counts[key] for key in resolved):,} events",
+        )
         if pending_acks:
             ledger.record_acknowledged(partition, pending_acks, run_id)
         if failures or not_sent:

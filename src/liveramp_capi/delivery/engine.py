@@ -1,0 +1,552 @@
+"""The request loop of the batch sender and the envelope refresher, written once.
+
+The engine pulls items lazily from one iterator and owns everything between "here is a request"
+and "here is the item's outcome": pacing (:class:`~liveramp_capi.delivery.adaptive.ThrottleRate`),
+concurrency (:class:`~liveramp_capi.delivery.adaptive.InFlightLimit`), classification (2xx
+accepted; 408, 429, 5xx, timeouts and connection errors transient; any other 4xx and TLS
+failures permanent for that item), backoff with full jitter, ``Retry-After``, the per-item
+retry budget, counters and a periodic progress line. A caller supplies an :class:`Exchange`:
+how to build an item's request and how to read a 2xx answer or a failure into its outcome.
+
+Secrets (the configuration ID in the send URL, envelopes and consent in the refresh query) are
+never put in a message: aiohttp exceptions render the URL in ``str()``, so only their class name
+and the endpoint's ``host:port`` are reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+import aiohttp
+from yarl import URL
+
+from liveramp_capi.delivery.adaptive import InFlightLimit, RateMeter, ThrottleRate
+from liveramp_capi.delivery.ratelimit import RateLimiter
+from liveramp_capi.delivery.retry import RetryPolicy, parse_retry_after
+from liveramp_capi.delivery.settings import CapiSettings
+
+__all__ = ["Exchange", "Failure", "Request", "RequestEngine", "RequestStats"]
+
+log = logging.getLogger("liveramp_capi.delivery")
+
+ItemT = TypeVar("ItemT")
+OutcomeT = TypeVar("OutcomeT")
+StatsT = TypeVar("StatsT", bound="RequestStats")
+SleepFunc = Callable[[float], Awaitable[Any]]
+
+_TLS_ERRORS = (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError)
+#: Workers per in-flight slot (see RequestEngine.__init__).
+_WORKERS_PER_SLOT = 4
+#: Share of refused answers (429, 5xx, no answer) in the last second above which a 429 holds
+#: every request, not only its own: the endpoint is refusing most of what it gets.
+_HOLD_ALL_SHARE = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One HTTP request of an item (the same for every attempt).
+
+    :param method: ``"POST"`` or ``"GET"``.
+    :param url: the full URL (may hold secrets: never logged).
+    :param data: the body, if any.
+    :param headers: headers added to the session's.
+    """
+
+    method: str
+    url: URL
+    data: bytes | None = None
+    headers: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why an item failed, as the engine classified it.
+
+    :param status: the last HTTP status received, ``None`` if no answer arrived.
+    :param attempts: requests made for the item.
+    :param error: a sanitized reason (``"HTTP 400"``, ``"retries exhausted: timeout after 10 s"``).
+    :param excerpt: start of the last error answer's body (the server's text: keep out of logs).
+    :param permanent: refused for good (4xx other than 408/429, TLS); ``False`` when the retry
+        budget ran out.
+    """
+
+    status: int | None
+    attempts: int
+    error: str
+    excerpt: bytes | None
+    permanent: bool
+
+
+class Exchange(Protocol[ItemT, OutcomeT]):
+    """What a caller of the engine supplies: building the request, reading the answer."""
+
+    def request(self, item: ItemT) -> Request:
+        """The item's request."""
+        ...
+
+    async def accepted(self, item: ItemT, response: aiohttp.ClientResponse, attempts: int) -> OutcomeT:
+        """Read a 2xx answer into the item's outcome (reading the body frees the connection)."""
+        ...
+
+    def failed(self, item: ItemT, failure: Failure) -> OutcomeT:
+        """The outcome of an item the engine gave up on."""
+        ...
+
+
+@dataclass(slots=True)
+class RequestStats:
+    """Request counters every engine run keeps (the sender and the refresher add their own).
+
+    :param requests: HTTP requests attempted, retries included.
+    :param retries: requests beyond each item's first.
+    :param throttled: answers 429.
+    :param status_counts: answers by HTTP status.
+    :param error_counts: transport failures by kind (``"timeout"``, aiohttp class name).
+    :param pauses: times a 429 held every request because most were being refused.
+    :param rate_decreases: times a 429 lowered the adaptive request rate.
+    :param final_rate_limit: the adaptive rate at the end (requests/s; 0 = never throttled).
+    :param elapsed_seconds: wall time of the run.
+    """
+
+    requests: int = 0
+    retries: int = 0
+    throttled: int = 0
+    status_counts: dict[int, int] = field(default_factory=dict)
+    error_counts: dict[str, int] = field(default_factory=dict)
+    pauses: int = 0
+    rate_decreases: int = 0
+    final_rate_limit: float = 0.0
+    elapsed_seconds: float = 0.0
+
+    @property
+    def requests_per_second(self) -> float:
+        """Average request rate over the run."""
+        return self.requests / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
+
+    def request_counts(self) -> dict[str, Any]:
+        """The request counters in JSON-friendly form (status codes as string keys)."""
+        return {
+            "requests": self.requests,
+            "retries": self.retries,
+            "throttled": self.throttled,
+            "status_counts": {str(k): v for k, v in sorted(self.status_counts.items())},
+            "error_counts": dict(sorted(self.error_counts.items())),
+            "pauses": self.pauses,
+            "rate_decreases": self.rate_decreases,
+            "final_rate_limit": round(self.final_rate_limit, 1),
+            "elapsed_seconds": round(self.elapsed_seconds, 3),
+        }
+
+
+class _Run(Generic[ItemT, OutcomeT, StatsT]):
+    """Mutable state of one run, shared by the workers of one event loop."""
+
+    __slots__ = (
+        "answers",
+        "done",
+        "group",
+        "lost",
+        "workers",
+        "error",
+        "exchange",
+        "failed",
+        "iterator",
+        "limiter",
+        "on_outcome",
+        "rate",
+        "refused",
+        "session",
+        "slots",
+        "started",
+        "stats",
+        "stop",
+        "waiting",
+    )
+
+    def __init__(
+        self,
+        iterator: Iterator[ItemT],
+        exchange: Exchange[ItemT, OutcomeT],
+        on_outcome: Callable[[ItemT, OutcomeT], None],
+        session: aiohttp.ClientSession,
+        settings: CapiSettings,
+        stats: StatsT,
+        sleep: SleepFunc,
+        now: float,
+    ) -> None:
+        self.iterator = iterator
+        self.exchange = exchange
+        self.on_outcome = on_outcome
+        self.session = session
+        self.stats = stats
+        self.limiter = RateLimiter(settings.max_requests_per_second, sleep=sleep)
+        self.rate = ThrottleRate(settings.max_requests_per_second, now)
+        self.slots = InFlightLimit(settings.concurrency, settings.adaptive)
+        self.answers = RateMeter(1.0, now)
+        self.refused = RateMeter(1.0, now)
+        self.started = now
+        self.done = 0
+        self.failed = 0
+        self.lost = 0  # requests presumed lost: still open, no longer counted in flight
+        self.workers = 0
+        self.group: asyncio.TaskGroup | None = None
+        self.waiting = 0
+        self.stop = False
+        self.error: BaseException | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        # Keep the first error; workers finish their in-flight item and stop pulling.
+        if self.error is None:
+            self.error = exc
+        self.stop = True
+
+
+class RequestEngine:
+    """Send every item's request with adaptive pacing and concurrency, retrying transient failures.
+
+    :param settings: ceilings, timeouts, retry budget and backoff.
+    :param endpoint: the base URL; only its ``host:port`` is ever reported.
+    :param headers: headers of every request.
+    :param rng: jitter source of the backoff; seed it in tests.
+    :param sleep: coroutine used for backoff and pacing waits; inject a recorder in tests.
+    """
+
+    def __init__(
+        self,
+        settings: CapiSettings,
+        endpoint: str,
+        headers: Mapping[str, str],
+        *,
+        rng: random.Random | None = None,
+        sleep: SleepFunc = asyncio.sleep,
+    ) -> None:
+        self.settings = settings
+        self.policy = RetryPolicy.from_settings(settings, rng)
+        url = URL(endpoint)
+        self.host_port = f"{url.host}:{url.port}"
+        self._headers = dict(headers)
+        self._timeout = aiohttp.ClientTimeout(
+            total=settings.timeout_seconds, connect=settings.connect_timeout_seconds
+        )
+        self._timeout_error = f"timeout after {settings.timeout_seconds} s"
+        self._sleep = sleep
+        # Items waiting out a backoff or Retry-After hold a worker but no in-flight slot: more
+        # workers than slots keep the slots busy while a share of the items waits.
+        self._workers = settings.concurrency * (_WORKERS_PER_SLOT if settings.adaptive else 1)
+
+    async def run(
+        self,
+        items: Iterable[ItemT],
+        exchange: Exchange[ItemT, OutcomeT],
+        on_outcome: Callable[[ItemT, OutcomeT], None],
+        stats: StatsT,
+        *,
+        label: str = "delivery",
+        remaining: Callable[[], int | str | None] | None = None,
+    ) -> StatsT:
+        """Run every item of ``items`` to an outcome, reported once per item to ``on_outcome``.
+
+        If the iterable or ``on_outcome`` raises, no further item is pulled, the items in flight
+        finish (and are reported), then the exception is re-raised; ``stats`` holds the counters.
+
+        :param items: consumed lazily: at most ``concurrency`` items in flight, and at most four
+            times that many held in all (the others wait out a backoff or ``Retry-After``).
+        :param exchange: builds requests and reads answers.
+        :param on_outcome: called on the loop thread with ``(item, outcome)``; keep it fast.
+        :param stats: the counters to fill in.
+        :param label: names the run in progress lines (e.g. ``"shard 3"``; no secrets).
+        :param remaining: tells progress lines how much is left, when the caller knows (a
+            number of items, or a text such as ``"1,234 events"``).
+        """
+        settings = self.settings
+        connector = aiohttp.TCPConnector(
+            # Up to as many again for requests presumed lost (see _presume_lost).
+            limit=2 * settings.concurrency,
+            limit_per_host=2 * settings.concurrency,
+            ssl=settings.verify_tls,  # True: default certificate verification
+        )
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        async with aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            headers=self._headers,
+            # Nothing here needs cookies; a dummy jar skips cookie parsing on every answer.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            raise_for_status=False,
+        ) as session:
+            run: _Run[ItemT, OutcomeT, StatsT] = _Run(
+                iter(items), exchange, on_outcome, session, settings, stats, self._sleep, loop.time()
+            )
+            reporter = asyncio.create_task(self._report_progress(run, label, remaining))
+            try:
+                async with asyncio.TaskGroup() as group:
+                    run.group = group
+                    run.workers = self._workers
+                    for _ in range(self._workers):
+                        group.create_task(self._worker(run))
+            finally:
+                reporter.cancel()
+                stats.elapsed_seconds = time.perf_counter() - started
+                stats.final_rate_limit = run.rate.rate if run.rate.enabled else 0.0
+        if run.error is not None:
+            raise run.error
+        return stats
+
+    async def _worker(self, run: _Run[Any, Any, Any]) -> None:
+        while not run.stop:
+            if run.workers > self._workers + run.lost:
+                run.workers -= 1  # a lost request came back: its stand-in worker retires
+                return
+            try:
+                item = next(run.iterator)
+            except StopIteration:
+                return
+            except Exception as exc:  # the producer failed: stop pulling, let others finish
+                run.fail(exc)
+                return
+            outcome = await self._one(run, item)
+            run.done += 1
+            try:
+                run.on_outcome(item, outcome)
+            except Exception as exc:
+                run.fail(exc)
+                return
+
+    async def _one(self, run: _Run[Any, Any, Any], item: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        exchange, stats, slots, rate, policy = run.exchange, run.stats, run.slots, run.rate, self.policy
+        status_counts = stats.status_counts
+        request = exchange.request(item)
+        first = loop.time()
+        attempts = 0
+        status: int | None = None
+        excerpt: bytes | None = None
+        while True:
+            await slots.acquire()
+            held = [True]
+            timer = None
+            try:
+                await run.limiter.acquire()
+                timer = self._watch(run, held)
+                attempts += 1
+                stats.requests += 1
+                sent_at = loop.time()
+                rate.on_sent(sent_at)
+                retry_after: float | None = None
+                throttled = False
+                try:
+                    async with run.session.request(
+                        request.method,
+                        request.url,
+                        data=request.data,
+                        headers=request.headers,
+                        allow_redirects=False,
+                    ) as response:
+                        status = response.status
+                        status_counts[status] = status_counts.get(status, 0) + 1
+                        if 200 <= status < 300:
+                            outcome = await exchange.accepted(item, response, attempts)
+                            now = loop.time()
+                            slots.on_answer(now - sent_at)
+                            self._admitted(run, now, sent_at)
+                            return outcome
+                        excerpt = await self._read_excerpt(response)
+                        if not policy.is_retryable_status(status):
+                            now = loop.time()
+                            slots.on_answer(now - sent_at)
+                            self._admitted(run, now, sent_at)
+                            run.failed += 1
+                            return exchange.failed(
+                                item, Failure(status, attempts, f"HTTP {status}", excerpt, True)
+                            )
+                        header = response.headers.get("Retry-After")
+                        if header is not None:
+                            retry_after = parse_retry_after(header, time.time())
+                        throttled = status == 429
+                        error = f"HTTP {status}"
+                except TimeoutError:
+                    error = self._timeout_error
+                    self._count_error(stats, "timeout")
+                except _TLS_ERRORS as exc:
+                    # Another attempt cannot fix a certificate problem.
+                    kind = type(exc).__name__
+                    self._count_error(stats, kind)
+                    slots.on_answer(None)
+                    run.failed += 1
+                    return exchange.failed(
+                        item,
+                        Failure(status, attempts, f"TLS error ({kind}) with {self.host_port}", None, True),
+                    )
+                except (aiohttp.ClientError, OSError) as exc:
+                    kind = type(exc).__name__
+                    error = f"connection error ({kind}) with {self.host_port}"
+                    self._count_error(stats, kind)
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                if held[0]:
+                    slots.release()
+                else:
+                    run.lost -= 1
+
+            now = loop.time()
+            delay = policy.delay(attempts, retry_after)
+            if throttled:
+                stats.throttled += 1
+                self._throttled(run, now, sent_at, delay if retry_after is None else min(retry_after, delay))
+            else:
+                # 5xx and lost answers count against the in-flight limit only when most fail.
+                slots.on_answer(None)
+                rate.on_failed(now, sent_at)
+                self._note_refused(run, now, True)
+            if not policy.can_retry(attempts, now - first, delay):
+                run.failed += 1
+                return exchange.failed(
+                    item, Failure(status, attempts, f"retries exhausted: {error}", excerpt, False)
+                )
+            stats.retries += 1
+            if delay > 0:
+                run.waiting += 1
+                try:
+                    await self._sleep(delay)
+                finally:
+                    run.waiting -= 1
+
+    def _watch(self, run: _Run[Any, Any, Any], held: list[bool]) -> asyncio.TimerHandle | None:
+        """Presume a request lost once it outlives many times the usual latency.
+
+        A request that hangs until its timeout (a dropped answer, a stalled server) would hold
+        its in-flight slot and its worker all that time: one stall in 200 requests with a 10 s
+        timeout ties up most of 64 slots. After ``max(1 s, 10 x`` the long-run latency) its
+        slot is freed and a stand-in worker takes the next item; the request itself still runs
+        to its answer or timeout (at most ``concurrency`` such requests, the connection pool's
+        second half).
+        """
+        if not self.settings.adaptive:
+            return None
+        after = max(1.0, 10 * run.slots.long_latency)
+        if after >= self.settings.timeout_seconds:
+            return None
+
+        def presume_lost() -> None:
+            if not held[0] or run.lost >= self.settings.concurrency:
+                return
+            held[0] = False
+            run.slots.release()
+            run.lost += 1
+            if run.group is not None and not run.stop and run.workers < self._workers + run.lost:
+                run.workers += 1
+                run.group.create_task(self._worker(run))
+
+        return asyncio.get_running_loop().call_later(after, presume_lost)
+
+    def _admitted(self, run: _Run[Any, Any, Any], now: float, sent_at: float) -> None:
+        self._note_refused(run, now, False)
+        if self.settings.adaptive:
+            new_rate = run.rate.on_admitted(now, sent_at)
+            if new_rate is not None:
+                run.limiter.set_rate(new_rate, _burst(new_rate))
+
+    def _throttled(self, run: _Run[Any, Any, Any], now: float, sent_at: float, hold: float) -> None:
+        """A 429: delay this item (the caller sleeps), lower the rate, and hold everyone only
+        when most answers of the last second were refusals."""
+        share = self._note_refused(run, now, True)
+        if self.settings.adaptive:
+            new_rate = run.rate.on_throttled(now, sent_at)
+            if new_rate is not None:
+                run.stats.rate_decreases += 1
+                run.limiter.set_rate(new_rate, _burst(new_rate))
+                log.debug(
+                    "request rate lowered to %.0f/s: %.1f%% of answers 429 over the last %.1f s",
+                    new_rate,
+                    100 * run.rate.last_event,
+                    run.rate.WINDOW,
+                )
+        if (share > _HOLD_ALL_SHARE or not self.settings.adaptive) and hold > 0:
+            before = run.limiter.pauses
+            run.limiter.pause_for(hold)
+            run.stats.pauses += run.limiter.pauses - before
+
+    @staticmethod
+    def _note_refused(run: _Run[Any, Any, Any], now: float, refused: bool) -> float:
+        """Record one answer and return the share of refusals over the last second."""
+        run.answers.add(now)
+        if not refused:
+            return 0.0
+        run.refused.add(now)
+        return run.refused.rate(now) / max(run.answers.rate(now), 1e-9)
+
+    async def _read_excerpt(self, response: aiohttp.ClientResponse) -> bytes | None:
+        limit = self.settings.body_excerpt_bytes
+        if limit <= 0:
+            return None
+        chunks = bytearray()
+        try:
+            while len(chunks) < limit:
+                chunk = await response.content.read(limit - len(chunks))
+                if not chunk:
+                    break
+                chunks += chunk
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            pass  # the status alone decides; a truncated excerpt is fine
+        return bytes(chunks)
+
+    @staticmethod
+    def _count_error(stats: RequestStats, kind: str) -> None:
+        stats.error_counts[kind] = stats.error_counts.get(kind, 0) + 1
+
+    async def _report_progress(
+        self, run: _Run[Any, Any, Any], label: str, remaining: Callable[[], int | str | None] | None
+    ) -> None:
+        """Log one line every ``progress_interval_seconds`` while the run lasts."""
+        interval = self.settings.progress_interval_seconds
+        stats = run.stats
+        last_requests, last_statuses, last_errors = 0, dict(stats.status_counts), dict(stats.error_counts)
+        last_at = time.perf_counter()
+        while True:
+            await asyncio.sleep(interval)
+            now = time.perf_counter()
+            statuses, errors = dict(stats.status_counts), dict(stats.error_counts)
+            failing = {
+                f"HTTP {code}": n - last_statuses.get(code, 0)
+                for code, n in statuses.items()
+                if not 200 <= code < 300 and n > last_statuses.get(code, 0)
+            }
+            failing.update(
+                {
+                    kind: n - last_errors.get(kind, 0)
+                    for kind, n in errors.items()
+                    if n > last_errors.get(kind, 0)
+                }
+            )
+            left = remaining() if remaining is not None else None
+            rate = run.rate
+            log.info(
+                "%s: %d done (%d failed), %s remaining, %d in flight, %d waiting to retry; %.0f requests/s, "
+                "%d retries, %d throttled (429); rate limit %s, in-flight limit %d; failing: %s",
+                label,
+                run.done,
+                run.failed,
+                "unknown" if left is None else (f"{left:,}" if isinstance(left, int) else left),
+                run.slots.in_flight,
+                run.waiting,
+                (stats.requests - last_requests) / max(now - last_at, 1e-9),
+                stats.retries,
+                stats.throttled,
+                f"{rate.rate:.0f}/s" if rate.enabled else "none (never throttled)",
+                int(run.slots.limit),
+                ", ".join(f"{k} x{v}" for k, v in sorted(failing.items())) or "nothing",
+            )
+            last_requests, last_statuses, last_errors, last_at = stats.requests, statuses, errors, now
+
+
+def _burst(rate: float) -> int:
+    # About 20 ms of requests back to back: smooth enough for a token bucket of burst R/10.
+    return max(1, int(rate / 50))
