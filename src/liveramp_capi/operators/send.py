@@ -256,7 +256,9 @@ class SendConversionsOperator(BaseOperator):
             )
 
         shard_events = sum(len(session.entries) for session in sessions)
-        resolved = ("delivered_events", "failed_events", "previously_delivered_events", "envelope_expired_events")
+        # Every event ends in exactly one of these; what is left is still to be decided.
+        resolved = ("delivered_events", "delivered_earlier_tries_events", "previously_delivered_events",
+                    "failed_events", "envelope_expired_events", "not_sent_events")
         stats = capi.send_batches(  # a progress line every progress_interval_seconds (connection extra)
             batches(), on_outcome, label=f"shard {shard}",
             remaining=lambda: f"{shard_events - sum(counts[key] for key in resolved):,} events",
