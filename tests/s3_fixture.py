@@ -44,6 +44,24 @@ class S3Server:
     endpoint_url: str
     access_key_id: str
     secret_access_key: str
+    log_path: str
+
+    @property
+    def conn_id(self) -> str:
+        """A connection id of this server alone (Airflow caches a filesystem per connection id)."""
+        return f"capi_s3_{self.endpoint_url.rsplit(':', 1)[1]}"
+
+    def requests_log(self) -> str:
+        """The server's access log so far (one line per request: method, path, status)."""
+        with open(self.log_path, errors="replace") as log:
+            return log.read()
+
+    def upload_folder(self, folder: Any, bucket: str, prefix: str, *, skip: tuple[str, ...] = ()) -> list[str]:
+        """Upload the files of a local folder under ``prefix``; return their names."""
+        names = [p.name for p in sorted(folder.iterdir()) if p.is_file() and p.name not in skip]
+        for name in names:
+            self.put(bucket, f"{prefix}/{name}", (folder / name).read_bytes())
+        return names
 
     def client(self, *, secret: str | None = None) -> Any:
         import boto3
@@ -141,7 +159,7 @@ def running_s3() -> Iterator[S3Server]:
     try:
         _wait_until_up(endpoint_url, process, stderr_path)
         access_key_id, secret = _bootstrap_key(endpoint_url)
-        yield S3Server(process, endpoint_url, access_key_id, secret)
+        yield S3Server(process, endpoint_url, access_key_id, secret, stderr_path)
     finally:
         process.terminate()
         try:
