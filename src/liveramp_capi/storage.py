@@ -26,6 +26,12 @@ from liveramp_capi.domain.partition import (
 )
 
 
+#: Bytes an object-storage file buffers at once, reading ahead or writing one multipart part
+#: (S3's smallest part is 5 MiB). s3fs defaults to 50 MiB, and validate holds one input and
+#: every shard open together: the default would make memory grow with the partition.
+OBJECT_BLOCK_BYTES = 8 * 2**20
+
+
 class PartitionNotFound(FileNotFoundError):
     """The partition's folder does not exist under the landing root (yet)."""
 
@@ -126,7 +132,7 @@ class PartitionStorage:
         """Open one input file of the partition for binary streaming."""
         if "/" in name or name in {"", ".", ".."}:
             raise ValueError("input file names are plain names inside the partition folder")
-        return (self.input_dir / name).open("rb")
+        return (self.input_dir / name).open("rb", block_size=OBJECT_BLOCK_BYTES)
 
     # -- output ----------------------------------------------------------------------------
     def output(self, relative: str) -> ObjectStoragePath:
@@ -137,7 +143,7 @@ class PartitionStorage:
 
     def open_output(self, relative: str) -> IO[bytes]:
         """Open an output file for binary writing (replacing it)."""
-        return self.output(relative).open("wb")
+        return self.output(relative).open("wb", block_size=OBJECT_BLOCK_BYTES)
 
     def write_json(self, relative: str, value: Any) -> None:
         with self.open_output(relative) as stream:
