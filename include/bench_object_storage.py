@@ -130,29 +130,33 @@ def bench_rows(workdir: Path, *, quick: bool = False, events: int | None = None)
     mib = 2**20
     s3_growth = (big["peak_rss"] - small["peak_rss"]) / mib
     local_growth = (local_big["peak_rss"] - local_small["peak_rss"]) / mib
-    # Object storage adds bounded buffers (the read-ahead block of the input, the write block of
-    # each output); holding a whole file would add at least the input's growth (the gzip file).
-    input_growth = (big["input_bytes"] - small["input_bytes"]) / mib
+    # Object storage adds bounded buffers, whatever the files' size: the read-ahead block of the
+    # input being read and the write block of each open output (the one shard, rejected.jsonl).
+    # Holding a whole file instead would add the file: 22 MiB of gzip input at 300,000 records,
+    # about 180 MiB of shard output.
+    from liveramp_capi.storage import OBJECT_BLOCK_BYTES
+
+    allowance = 3 * OBJECT_BLOCK_BYTES / mib
     return [
         {
             "figure": f"s3: validate peak RSS, {big['events']:,} records ({big['input_bytes'] / mib:.1f} MiB gzip on S3)",
-            "value": round(big["peak_rss"] / mib, 1), "unit": "MiB",
-            "baseline": round(small["peak_rss"] / mib, 1),
-            "ratio": round(big["peak_rss"] / small["peak_rss"], 2),
+            "value": big["peak_rss"] / mib, "unit": "MiB",
+            "baseline": small["peak_rss"] / mib,
+            "ratio": big["peak_rss"] / small["peak_rss"],
             "target": f"informational: {small['events']:,} records as baseline",
             "met": None,
         },
         {
             "figure": f"s3: validate RSS growth {small['events']:,} -> {big['events']:,} records, vs file://",
-            "value": round(s3_growth, 1), "unit": "MiB", "baseline": round(local_growth, 1),
-            "ratio": round(s3_growth / local_growth, 2) if local_growth > 0 else None,
-            "target": f"exceeds file:// growth by less than the gzip input grows ({input_growth:.1f} MiB)",
-            "met": s3_growth - local_growth < input_growth,
+            "value": s3_growth, "unit": "MiB", "baseline": local_growth,
+            "ratio": s3_growth / local_growth if local_growth > 0 else None,
+            "target": f"at most file:// growth + {allowance:g} MiB (3 storage blocks)",
+            "met": s3_growth - local_growth <= allowance,
         },
         {
             "figure": "s3: every valid record of the big partition sharded",
             "value": big["valid"], "unit": "events", "baseline": big["expected_valid"],
-            "ratio": round(big["valid"] / max(big["expected_valid"], 1), 3), "target": "equal",
+            "ratio": big["valid"] / max(big["expected_valid"], 1), "target": "equal",
             "met": big["valid"] == big["expected_valid"],
         },
     ]

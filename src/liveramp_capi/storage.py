@@ -25,7 +25,6 @@ from liveramp_capi.domain.partition import (
     run_key,
 )
 
-
 #: Bytes an object-storage file buffers at once, reading ahead or writing one multipart part
 #: (S3's smallest part is 5 MiB). s3fs defaults to 50 MiB, and validate holds one input and
 #: every shard open together: the default would make memory grow with the partition.
