@@ -99,13 +99,21 @@ def test_a_rerun_on_s3_replaces_the_published_files_and_sends_nothing_again(
     s3.upload_folder(stage_sample_partition(tmp_path / "staged", partition), LANDING_BUCKET,
                      f"{LANDING_PREFIX}/dt={partition}")
 
+    from liveramp_capi.console.summaries import OutputRoot
+
     assert run_conversions(partition) == "success"
     first = len(standin.received_event_ids())
+    # The console reads the same root (one long-lived reader: what it lists must not go stale).
+    console = OutputRoot(f"s3://{s3.conn_id}@{OUTPUT_BUCKET}/{OUTPUT_PREFIX}")
+    assert console.partitions() == [partition]
+    assert console.summary(partition)["delivered_this_run"] == first
     assert run_conversions(partition) == "success"
     assert len(standin.received_event_ids()) == first
     output = f"{OUTPUT_PREFIX}/dt={partition}"
     summary = json.loads(s3.get(OUTPUT_BUCKET, f"{output}/summary.json"))
     assert summary["status"] == "complete" and summary["delivered_this_run"] == 0, summary
+    console.partitions()
+    assert console.summary(partition)["delivered_this_run"] == 0
     assert len(s3.get(OUTPUT_BUCKET, f"{output}/rejected.jsonl").splitlines()) == SAMPLE_REJECTED_COUNT
     assert not [k for k in s3.keys(OUTPUT_BUCKET, output + "/") if "/publish/" in k]
 
