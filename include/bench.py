@@ -20,7 +20,9 @@ stand-in of LiveRamp's endpoints (NOT LiveRamp) with 50 ms latency, then measure
 5. end to end: ``tiktok_conversions`` run with ``dag.test()`` in a child process on a gzip JSONL
    partition of ``--events`` records, every event accounted for in ``summary.json`` and, from
    the stand-in's record file, delivered exactly once;
-6. memory: the peak RSS while each task ran, at ``--events`` and at a tenth of it.
+6. memory: the peak RSS while each task ran, at ``--events`` and at a tenth of it; and
+   validate's peak RSS with landing and output on ``s3://`` (a moto server on loopback) at
+   300,000 and 30,000 records against the same on ``file://`` (``include/bench_object_storage.py``).
 
 It prints ONE table (figure, value, baseline, ratio, target, met). The machine may be shared:
 ratios against baselines measured in the same run are what to compare. ``--json PATH`` also
@@ -796,6 +798,12 @@ def main(argv: list[str] | None = None) -> int:
 
     rows += [Row(**row) for row in bench_rows(args.workdir / "console", quick=args.quick)]
     rows += envelope_rows(Row, quick=args.quick)
+    if not args.quick:
+        # A smoke-size partition fits in one storage block: nothing to learn about streaming.
+        print("s3: validate's memory on object storage (moto server on loopback) ...", flush=True)
+        from bench_object_storage import bench_rows as object_storage_rows
+
+        rows += [Row(**row) for row in object_storage_rows(args.workdir / "s3")]
     print()
     print_table(rows)
     if args.json:

@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from s3_fixture import S3Server, running_s3
 from standin_fixture import StandInProcess, running_standin
 
 
@@ -18,6 +19,13 @@ def standin() -> Iterator[StandInProcess]:
     """A fresh local LiveRamp stand-in subprocess (see tests/standin_fixture.py)."""
     with running_standin() as handle:
         yield handle
+
+
+@pytest.fixture
+def s3() -> Iterator[S3Server]:
+    """A fresh S3-compatible server (moto) on loopback with authentication (see tests/s3_fixture.py)."""
+    with running_s3() as server:
+        yield server
 
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432

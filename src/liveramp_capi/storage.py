@@ -1,7 +1,9 @@
 """Where a partition's files live: the landing root (input) and the output root, on object storage.
 
 Both roots are ``ObjectStoragePath`` URLs (``file://`` by default; ``s3://``, ``gs://`` with the
-matching fsspec package), so every worker of a distributed deployment sees the same files.
+matching provider and fsspec package), so every worker of a distributed deployment sees the same
+files. On object storage the part of the URL before ``@`` names the Airflow connection holding the
+credentials (``s3://aws_default@bucket/prefix``); the URL itself never holds a secret.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from airflow.sdk import ObjectStoragePath
 
 from liveramp_capi.domain.partition import (
     WORK_ROOT,
+    InvalidRoot,
     PartitionLayout,
     check_root,
     input_kind,
@@ -22,9 +25,62 @@ from liveramp_capi.domain.partition import (
     run_key,
 )
 
+#: Bytes an object-storage file buffers at once, reading ahead or writing one multipart part
+#: (S3's smallest part is 5 MiB). s3fs defaults to 50 MiB, and validate holds one input and
+#: every shard open together: the default would make memory grow with the partition.
+OBJECT_BLOCK_BYTES = 8 * 2**20
+
 
 class PartitionNotFound(FileNotFoundError):
     """The partition's folder does not exist under the landing root (yet)."""
+
+
+class StorageUnreachable(InvalidRoot):
+    """A storage root whose bucket does not exist or whose connection's credentials are refused."""
+
+
+def check_root_reachable(url: str, *, variable: str, local_must_exist: bool = True) -> None:
+    """Fail at once, naming the Variable and the connection, when a root cannot be used at all.
+
+    On local storage the root folder must exist (unless ``local_must_exist`` is false: an output
+    root is created on demand). On object storage, where folders exist only through their objects,
+    the bucket must exist and the connection's credentials must be accepted; an empty prefix is a
+    legitimate new feed. A storage error that may heal (network, throttling) is left to retries.
+
+    :param url: the root URL (checked by :func:`check_root`).
+    :param variable: the Variable it came from, for the message.
+    :param local_must_exist: whether a ``file://`` root must already exist.
+    :raises StorageUnreachable: on a missing bucket/folder or refused credentials.
+    :raises AirflowNotFoundException: when the URL names a connection that is not defined.
+    """
+    root = ObjectStoragePath(check_root(url, name=variable))
+    if root.protocol in ("", "file", "local"):
+        if local_must_exist and not root.is_dir():
+            raise StorageUnreachable(
+                f"the folder {root.path} does not exist (Variable {variable}): check it for a typo or a missing mount"
+            )
+        return
+    conn_id = root.conn_id
+    if conn_id:
+        from airflow.sdk import BaseHook
+
+        # Providers fall back to the worker's ambient credentials for an unknown connection id;
+        # a typo in the id must fail here instead of reading with some other identity.
+        BaseHook.get_connection(conn_id)
+    who = f"connection {conn_id!r}" if conn_id else "the worker's default credentials (no connection named in the URL)"
+    try:
+        root.fs.info(root.bucket)
+    except FileNotFoundError:
+        raise StorageUnreachable(
+            f"bucket {root.bucket!r} does not exist (Variable {variable}, {root.protocol}:// through {who}): "
+            "create it or fix the Variable"
+        ) from None
+    except PermissionError:
+        # The provider's text may quote request details; the kind of refusal is enough here.
+        raise StorageUnreachable(
+            f"{root.protocol}:// refused {who} for bucket {root.bucket!r} (Variable {variable}): check the "
+            "connection's access key and secret (or role), its endpoint_url, and its permissions on the bucket"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +131,7 @@ class PartitionStorage:
         """Open one input file of the partition for binary streaming."""
         if "/" in name or name in {"", ".", ".."}:
             raise ValueError("input file names are plain names inside the partition folder")
-        return (self.input_dir / name).open("rb")
+        return (self.input_dir / name).open("rb", block_size=OBJECT_BLOCK_BYTES)
 
     # -- output ----------------------------------------------------------------------------
     def output(self, relative: str) -> ObjectStoragePath:
@@ -86,7 +142,7 @@ class PartitionStorage:
 
     def open_output(self, relative: str) -> IO[bytes]:
         """Open an output file for binary writing (replacing it)."""
-        return self.output(relative).open("wb")
+        return self.output(relative).open("wb", block_size=OBJECT_BLOCK_BYTES)
 
     def write_json(self, relative: str, value: Any) -> None:
         with self.open_output(relative) as stream:
@@ -110,13 +166,13 @@ class PartitionStorage:
         """Move this run's draft of a deliverable into place, replacing the one there.
 
         Only the run holding the partition's claim calls this, so deliverables of two runs never
-        interleave; on local storage the move is an atomic rename.
+        interleave. The target is replaced, never deleted first: on local storage the move is an
+        atomic rename; on object storage it is a server-side copy (one object written whole, or
+        not at all) then the draft's deletion, so a reader sees the old file or the new one and a
+        publish cut short leaves at worst a draft behind in the run's work folder.
         """
         draft = self.output_dir / self.layout.draft(deliverable)
-        target = self.output_dir / deliverable
-        if target.exists():
-            target.unlink()
-        draft.rename(target)
+        draft.rename(self.output_dir / deliverable)
 
     def remove_other_runs(self) -> list[str]:
         """Delete other runs' work of this partition, keeping each run's ``summary.json``; return their names.

@@ -61,8 +61,14 @@ class OutputRoot:
         self.url = url
         self.root = ObjectStoragePath(url)
 
+    def _forget_listings(self) -> None:
+        # Object-storage filesystems cache listings (and the sizes in them) for the process's life;
+        # the console's process is long-lived, so every page asks the store again.
+        self.root.fs.invalidate_cache()
+
     def partitions(self) -> list[str]:
         """Partitions with an output folder, newest first."""
+        self._forget_listings()
         if not self.root.exists():
             return []
         found = []
@@ -95,6 +101,7 @@ class OutputRoot:
 
     def latest_refresh_summary(self) -> dict[str, Any] | None:
         """The newest envelope refresh run's ``summary.json`` (redacted), or None."""
+        self._forget_listings()
         folder = self.root / "envelope_refresh"
         if not folder.exists():
             return None

@@ -56,7 +56,8 @@ def parse_partition(value: object) -> str:
 def check_root(url: str, *, name: str) -> str:
     """Validate a storage root URL and return it without a trailing slash.
 
-    :param url: e.g. ``file:///data/landing`` or ``s3://bucket/capi``.
+    :param url: e.g. ``file:///data/landing``, ``s3://bucket/capi`` or ``s3://aws_default@bucket/capi``
+        (the part before ``@`` names the Airflow connection holding the credentials).
     :param name: the setting it came from, for the error message.
     """
     text = (url or "").strip()
@@ -73,6 +74,13 @@ def check_root(url: str, *, name: str) -> str:
         raise InvalidRoot(f"{name} must not contain '.' or '..' path segments")
     if parts.query or parts.fragment:
         raise InvalidRoot(f"{name} must not carry a query string or fragment")
+    if ":" in parts.netloc.rpartition("@")[0]:
+        # Only a connection id may stand before the "@" (s3://aws_default@bucket/...): a secret
+        # in a Variable would be shown in the UI, the logs and every error naming the root.
+        raise InvalidRoot(
+            f"{name} must not carry credentials: keep them in an Airflow connection and name it in the "
+            "URL instead, e.g. s3://aws_default@bucket/prefix"
+        )
     return text.rstrip("/")
 
 

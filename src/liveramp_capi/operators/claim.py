@@ -52,7 +52,7 @@ class ClaimPartitionOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         from liveramp_capi.hooks.state import CapiStateHook
         from liveramp_capi.operators.partition_claim import claim_with_wait, open_lease, run_owner
-        from liveramp_capi.storage import PartitionStorage
+        from liveramp_capi.storage import PartitionStorage, check_root_reachable
 
         wait_minutes = setting_number(self.wait_minutes, float, "wait_minutes", "capi_partition_claim_wait_minutes", "60")
         poll_seconds = setting_number(
@@ -60,6 +60,9 @@ class ClaimPartitionOperator(BaseOperator):
         )
         with permanent_config_errors(self.capi_state_conn_id):
             storage = PartitionStorage(self.landing_root, self.output_root, self.partition, context["run_id"])
+            # A missing output bucket or refused credentials would otherwise surface only after
+            # the partition was read, validated and sent.
+            check_root_reachable(self.output_root, variable="capi_output_root", local_must_exist=False)
             lease = open_lease(CapiStateHook(capi_state_conn_id=self.capi_state_conn_id))
         state = claim_with_wait(
             lease,

@@ -12,7 +12,6 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout
 from liveramp_capi.triggers.partition import (
     DEFAULT_MARKER,
     PartitionMarkerTrigger,
-    landing_root_exists,
     marker_exists,
     marker_url,
 )
@@ -99,14 +98,25 @@ class PartitionReadySensor(BaseSensorOperator):
         return found
 
     def _check_root(self) -> None:
-        # "Not arrived yet" is worth waiting for; a landing root that does not exist is a setting
-        # to fix, and waiting hours before saying "no marker" would hide it.
-        url = self._marker_url()
-        if not marker_exists(url) and not landing_root_exists(self.landing_root.strip().rstrip("/")):
+        # "Not arrived yet" is worth waiting for; a landing root that does not exist (or a bucket
+        # whose credentials are refused) is a setting to fix, and waiting hours before saying
+        # "no marker" would hide it.
+        from airflow.sdk.exceptions import AirflowNotFoundException
+
+        from liveramp_capi.storage import StorageUnreachable, check_root_reachable
+
+        self._marker_url()
+        try:
+            check_root_reachable(self.landing_root, variable="capi_landing_root")
+        except StorageUnreachable as err:
             raise AirflowFailException(
-                f"the landing root {self.landing_root.strip()} does not exist (Variable capi_landing_root): "
-                "check it for a typo or a missing mount/bucket, then clear this task. Nothing was waited for."
-            )
+                f"the landing root cannot be read: {err}; then clear this task. Nothing was waited for."
+            ) from None
+        except AirflowNotFoundException as err:
+            raise AirflowFailException(
+                f"the landing root (Variable capi_landing_root) names a connection that is not defined: {err}. "
+                "Create it in Admin > Connections, then clear this task. Nothing was waited for."
+            ) from None
 
     def execute(self, context: Any) -> None:
         wait = self._wait_seconds()

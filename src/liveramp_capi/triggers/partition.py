@@ -36,25 +36,11 @@ def marker_exists(url: str) -> bool:
     """
     from airflow.sdk import ObjectStoragePath
 
-    return ObjectStoragePath(url).exists()
-
-
-def landing_root_exists(landing_root: str) -> bool:
-    """Whether the landing root itself exists, so a typo fails at once instead of after the wait.
-
-    On local storage the root folder must exist; on object storage, where folders exist only
-    through their objects, the bucket must (an empty prefix is a legitimate new feed).
-
-    :param landing_root: URL of the landing root (already checked by :func:`marker_url`).
-    """
-    from urllib.parse import urlsplit
-
-    from airflow.sdk import ObjectStoragePath
-
-    parts = urlsplit(landing_root)
-    if parts.scheme == "file":
-        return ObjectStoragePath(landing_root).is_dir()
-    return ObjectStoragePath(f"{parts.scheme}://{parts.netloc}/").exists()
+    marker = ObjectStoragePath(url)
+    # The filesystem object lives as long as the process (the triggerer's is long-lived): drop
+    # any listing it cached, so an object store is asked again at every check.
+    marker.fs.invalidate_cache(marker.parent.path)
+    return marker.exists()
 
 
 class PartitionMarkerTrigger(BaseTrigger):
