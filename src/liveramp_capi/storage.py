@@ -38,9 +38,9 @@ class InputFile:
 class PartitionStorage:
     """The input folder and output folder of one partition.
 
-    :param landing_root: URL of the landing root (``<landing_root>/dt=YYYY-MM-DD/`` holds the input).
-    :param output_root: URL of the output root (``<output_root>/dt=YYYY-MM-DD/`` receives results).
-    :param partition: the partition name, ``YYYY-MM-DD``; checked again here.
+    :param landing_root: URL of the landing root (``<landing_root>/dt=<partition>/`` holds the input).
+    :param output_root: URL of the output root (``<output_root>/dt=<partition>/`` receives results).
+    :param partition: the partition name, ``YYYY-MM-DD`` or ``YYYY-MM-DDTHH``; checked again here.
     :param run_id: the Airflow run whose work folder (``_work/<run>/``) this storage writes.
     """
 
@@ -106,14 +106,15 @@ class PartitionStorage:
             return iter(())
         return iter(sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.name))
 
-    def publish(self, deliverable: str) -> None:
+    def publish(self, deliverable: str, *, dry_run: bool = False) -> None:
         """Move this run's draft of a deliverable into place, replacing the one there.
 
         Only the run holding the partition's claim calls this, so deliverables of two runs never
-        interleave; on local storage the move is an atomic rename.
+        interleave; on local storage the move is an atomic rename. A dry run's deliverable goes
+        to ``dry_run/<deliverable>``, never over the real one.
         """
         draft = self.output_dir / self.layout.draft(deliverable)
-        target = self.output_dir / deliverable
+        target = self.output(self.layout.dry_run(deliverable)) if dry_run else self.output_dir / deliverable
         if target.exists():
             target.unlink()
         draft.rename(target)
