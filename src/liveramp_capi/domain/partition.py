@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-_PARTITION_RE = re.compile(r"\A\d{4}-\d{2}-\d{2}(T\d{2})?\Z")
+_PARTITION_RE = re.compile(r"\A\d{4}-\d{2}-\d{2}(T\d{2})?\Z", re.ASCII)
 
 #: The two partition granularities and the ``strftime`` format of their names (the partition
 #: timetable's ``key_format``).
@@ -59,9 +59,11 @@ def parse_partition(value: object) -> str:
             f"(got a {len(text)}-character value that is neither)"
         )
     try:
-        dt.datetime.strptime(text, KEY_FORMATS[partition_granularity(text)])
+        dt.date.fromisoformat(text[:10])
     except ValueError as err:
-        raise InvalidPartition(f"partition {text} is not a calendar date or hour: {err}") from None
+        raise InvalidPartition(f"partition {text[:10]} is not a calendar date: {err}") from None
+    if partition_granularity(text) == HOURLY and int(text[11:]) > 23:
+        raise InvalidPartition(f"partition of {text[:10]}: the hour must lie between 00 and 23")
     return text
 
 
