@@ -147,6 +147,7 @@ def build_conversions_dag(dag_id: str, granularity: str, doc_md: str) -> DAG:
             output_root=OUTPUT_ROOT,
             wait_minutes="{{ var.value.get('capi_partition_claim_wait_minutes', '60') }}",
             poll_seconds="{{ var.value.get('capi_partition_claim_poll_seconds', '15') }}",
+            dry_run=DRY_RUN,
         )
         extract = ExtractPartitionOperator(
             task_id="extract", partition=partition, landing_root=LANDING_ROOT, output_root=OUTPUT_ROOT

@@ -18,6 +18,7 @@ from conversions_run import (
     output_json,
     output_jsonl,
     received_events,
+    run_conversions,
     sample_valid_event_ids,
     yesterday,
 )
@@ -26,16 +27,6 @@ from sample_partition import stage_sample_partition
 pytestmark = pytest.mark.airflow
 
 STATE_TABLES = ("capi_delivery_ledger", "capi_envelope_store", "capi_held_conversions")
-
-
-def run(partition: str, *, dry_run: bool) -> str:
-    from airflow.dag_processing.dagbag import DagBag
-    from airflow_env import REPO
-
-    bag = DagBag(dag_folder=str(REPO / "dags" / "tiktok_conversions.py"))
-    assert not bag.import_errors, bag.import_errors
-    dag_run = bag.get_dag("tiktok_conversions").test(run_conf={"partition": partition, "dry_run": dry_run})
-    return str(dag_run.state)
 
 
 def state_rows(state_db: Path) -> dict[str, list[tuple]]:
@@ -80,7 +71,7 @@ def test_dry_run_plans_what_the_next_real_run_sends_and_sends_nothing(airflow_db
     valid = sample_valid_event_ids() | {"dry-0", "dry-1"}
     out = tmp_path / "output" / f"dt={partition}"
 
-    assert run(partition, dry_run=True) == "success"
+    assert run_conversions(partition, dry_run=True) == "success"
 
     assert standin.stats()["requests"] == 0
     assert standin.received() == []
@@ -106,7 +97,7 @@ def test_dry_run_plans_what_the_next_real_run_sends_and_sends_nothing(airflow_db
         for shard, n in Counter(line["shard"] for line in plan).items()
     }
 
-    assert run(partition, dry_run=False) == "success"
+    assert run_conversions(partition, dry_run=False) == "success"
 
     batches = standin.received()
     events = received_events(batches)
@@ -133,23 +124,28 @@ def test_dry_run_after_a_partial_delivery_plans_only_the_remainder(airflow_db, s
     stage_sample_partition(tmp_path / "landing", partition)
     refused = sorted(i for i in sample_valid_event_ids() if i.startswith("app-"))[0]
     standin.config(reject_event_ids=[refused])
-    assert run(partition, dry_run=False) == "failed"
+    assert run_conversions(partition, dry_run=False) == "failed"
     failed_summary = output_json(tmp_path, partition, "summary.json")
     before = state_rows(tmp_path / "state.db")
     standin.config(reject_event_ids=[])
     standin.reset()
 
-    assert run(partition, dry_run=True) == "success"
+    assert run_conversions(partition, dry_run=True) == "success"
 
     assert standin.stats()["requests"] == 0
     assert state_rows(tmp_path / "state.db") == before
     assert output_json(tmp_path, partition, "summary.json") == failed_summary, "the real summary stays"
+    # The failed run's own work stays: clearing its failed tasks after a dry run still finds its shards.
+    from liveramp_capi.domain.partition import PartitionLayout, run_key
+
+    failed_run = PartitionLayout(partition, run_key(failed_summary["run_id"]))
+    assert (tmp_path / "output" / failed_run.folder / failed_run.validation).exists()
     summary = output_json(tmp_path, partition, "dry_run/summary.json")
     plan = output_jsonl(tmp_path, partition, "dry_run/plan.jsonl")
     assert summary["planned_events"] == failed_summary["failed_events"]
     assert summary["previously_delivered_events"] == failed_summary["delivered_events"]
 
-    assert run(partition, dry_run=False) == "success"
+    assert run_conversions(partition, dry_run=False) == "success"
 
     batches = standin.received()
     assert sorted(len(b["events"]) for b in batches) == sorted(line["events"] for line in plan)
