@@ -359,7 +359,7 @@ def _ensure_airflow_db(home: Path, env: dict[str, str]) -> None:
     marker.touch()
 
 
-def run_dag_child(partition: str, out: str) -> int:
+def run_dag_child(partition: str, out: str, dag_id: str = "tiktok_conversions") -> int:
     """Child-process entry: run ``tiktok_conversions`` with ``dag.test()``, sampling memory per task.
 
     Under ``dag.test()`` every task runs in this one process, one after another; a thread samples
@@ -369,6 +369,7 @@ def run_dag_child(partition: str, out: str) -> int:
 
     :param partition: the partition to run.
     :param out: where to write the JSON result.
+    :param dag_id: the DAG to run (its file is ``dags/<dag_id>.py``).
     """
     import psutil
     from airflow.dag_processing.dagbag import DagBag
@@ -415,11 +416,11 @@ def run_dag_child(partition: str, out: str) -> int:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    bag = DagBag(dag_folder=str(REPO / "dags" / "tiktok_conversions.py"))
+    bag = DagBag(dag_folder=str(REPO / "dags" / f"{dag_id}.py"))
     if bag.import_errors:
         raise RuntimeError(f"DAG import errors: {bag.import_errors}")
     started = time.perf_counter()
-    dag_run = bag.get_dag("tiktok_conversions").test(run_conf={"partition": partition})
+    dag_run = bag.get_dag(dag_id).test(run_conf={"partition": partition})
     elapsed = time.perf_counter() - started
     stop.set()
     sampler.join()
@@ -585,9 +586,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-end-to-end", action="store_true", help="only the validation and delivery figures")
     parser.add_argument("--run-dag", help=argparse.SUPPRESS)
     parser.add_argument("--run-dag-out", help=argparse.SUPPRESS)
+    parser.add_argument("--run-dag-id", default="tiktok_conversions", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run_dag:
-        return run_dag_child(args.run_dag, args.run_dag_out)
+        return run_dag_child(args.run_dag, args.run_dag_out, args.run_dag_id)
 
     events = args.events or (3_000 if args.quick else 1_000_000)
     validation_records = min(events, 200_000) if not args.quick else min(events, 5_000)
@@ -620,6 +622,15 @@ def main(argv: list[str] | None = None) -> int:
         small = run_end_to_end(args.workdir, airflow_home, small_events, args.latency_ms, args.concurrency)
         rows += end_to_end_rows(big, small)
         details = {"end_to_end": big, "end_to_end_small": small}
+        granularity_events = 2_000 if not args.quick else min(events, 500)
+        print(f"4b/4 hourly vs daily partition, {granularity_events:,} records ...", flush=True)
+        from bench_granularity import granularity_rows
+
+        hourly_rows, details["granularity"] = granularity_rows(
+            Row, args.workdir, airflow_home, events=granularity_events, latency_ms=args.latency_ms,
+            concurrency=args.concurrency,
+        )
+        rows += hourly_rows
 
     print("5/5 console reads (a year of partitions) ...", flush=True)
     from bench_console import bench_rows

@@ -142,7 +142,7 @@ def measure(workdir: Path, ledger_rows: int, envelopes: int, big_partition_rows:
     page_ms, unpaged_ms = _best_ms(paged), _best_ms(unpaged, repeat=3)
     detail_ms = _best_ms(lambda: (reads.ledger_counts(engine, [page[0]]), reads.failed_batches(engine, page[0])))
     big_ms = _best_ms(lambda: reads.ledger_counts(engine, [BIG_PARTITION]), repeat=3)
-    health_ms = _best_ms(lambda: reads.envelope_health(engine, now=1_764_547_200, horizon_days=7), repeat=3)
+    health_ms = _best_ms(lambda: reads.envelope_health(engine, now=1_764_547_200, remaining_share=1 / 3), repeat=3)
     rows_per_partition = ledger_rows // DAYS
     ratio = page_ms / unpaged_ms
     return [
