@@ -19,7 +19,7 @@ class ClaimPartitionOperator(BaseOperator):
     ledger knowing what was acknowledged, sends only what is left (usually nothing). The wait
     holds a worker slot: it is the rare case, and polling the state database is cheap.
 
-    :param partition: the partition, ``YYYY-MM-DD`` (templated).
+    :param partition: the partition, ``YYYY-MM-DD`` or ``YYYY-MM-DDTHH`` (templated).
     :param landing_root: URL of the landing root (templated).
     :param output_root: URL of the output root (templated).
     :param wait_minutes: how long to wait for another run's claim before failing (templated).

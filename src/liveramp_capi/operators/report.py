@@ -24,7 +24,7 @@ class ReportConversionsOperator(BaseOperator):
     this run's work; it publishes the partition's files only while this run owns the partition,
     then releases the claim.
 
-    :param partition: the partition, ``YYYY-MM-DD`` (templated).
+    :param partition: the partition, ``YYYY-MM-DD`` or ``YYYY-MM-DDTHH`` (templated).
     :param landing_root: URL of the landing root (templated).
     :param output_root: URL of the output root (templated).
     :param capi_state_conn_id: the state database connection (the partition claim).

@@ -32,7 +32,7 @@ class SendConversionsOperator(BaseOperator):
     failed for good, listing them in ``failed.jsonl``.
 
     :param shard: the shard index (mapped from the validate step).
-    :param partition: the partition, ``YYYY-MM-DD`` (templated).
+    :param partition: the partition, ``YYYY-MM-DD`` or ``YYYY-MM-DDTHH`` (templated).
     :param landing_root: URL of the landing root (templated; used only to check the partition).
     :param output_root: URL of the output root (templated).
     :param liveramp_capi_conn_id: the CAPI adapter connection.

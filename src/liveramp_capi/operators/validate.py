@@ -31,7 +31,7 @@ class ValidateConversionsOperator(BaseOperator):
     valid events go to session shards for the send step. The task fails, after writing the
     rejects, when the rejected share exceeds ``max_invalid_ratio``.
 
-    :param partition: the partition, ``YYYY-MM-DD`` (templated).
+    :param partition: the partition, ``YYYY-MM-DD`` or ``YYYY-MM-DDTHH`` (templated).
     :param landing_root: URL of the landing root (templated).
     :param output_root: URL of the output root (templated).
     :param max_invalid_ratio: the largest share of rejected records (0..1) the partition may hold.
