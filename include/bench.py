@@ -467,7 +467,7 @@ def _ensure_airflow_db(home: Path, env: dict[str, str]) -> None:
     marker.touch()
 
 
-def run_dag_child(partition: str, out: str) -> int:
+def run_dag_child(partition: str, out: str, dag_id: str = "tiktok_conversions") -> int:
     """Child-process entry: run ``tiktok_conversions`` with ``dag.test()``, sampling memory per task.
 
     Under ``dag.test()`` every task runs in this one process, one after another; a thread samples
@@ -477,6 +477,7 @@ def run_dag_child(partition: str, out: str) -> int:
 
     :param partition: the partition to run.
     :param out: where to write the JSON result.
+    :param dag_id: the DAG to run (its file is ``dags/<dag_id>.py``).
     """
     import psutil
     from airflow.dag_processing.dagbag import DagBag
@@ -523,11 +524,11 @@ def run_dag_child(partition: str, out: str) -> int:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    bag = DagBag(dag_folder=str(REPO / "dags" / "tiktok_conversions.py"))
+    bag = DagBag(dag_folder=str(REPO / "dags" / f"{dag_id}.py"))
     if bag.import_errors:
         raise RuntimeError(f"DAG import errors: {bag.import_errors}")
     started = time.perf_counter()
-    dag_run = bag.get_dag("tiktok_conversions").test(run_conf={"partition": partition})
+    dag_run = bag.get_dag(dag_id).test(run_conf={"partition": partition})
     elapsed = time.perf_counter() - started
     stop.set()
     sampler.join()
@@ -740,9 +741,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throttle-rates", default="400,2000", help="token-bucket rates to measure (requests/s)")
     parser.add_argument("--throttle-only", action="store_true", help="only the throttling figures")
     parser.add_argument("--faults-events", type=int, default=100_000, help="records of the faults-mix partition")
+    parser.add_argument("--run-dag-id", default="tiktok_conversions", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run_dag:
-        return run_dag_child(args.run_dag, args.run_dag_out)
+        return run_dag_child(args.run_dag, args.run_dag_out, args.run_dag_id)
     if args.throttle_client:
         return run_throttle_client(args.throttle_client, args.throttle_batches, args.run_dag_out)
 
@@ -792,8 +794,17 @@ def main(argv: list[str] | None = None) -> int:
         small = run_end_to_end(args.workdir, airflow_home, small_events, args.latency_ms, args.concurrency)
         rows += end_to_end_rows(big, small)
         details.update({"end_to_end": big, "end_to_end_small": small})
+        granularity_events = 2_000 if not args.quick else min(events, 500)
+        print(f"6b/6 hourly vs daily partition, {granularity_events:,} records ...", flush=True)
+        from bench_granularity import granularity_rows
 
-    print("5/5 console reads (a year of partitions) ...", flush=True)
+        hourly_rows, details["granularity"] = granularity_rows(
+            Row, args.workdir, airflow_home, events=granularity_events, latency_ms=args.latency_ms,
+            concurrency=args.concurrency,
+        )
+        rows += hourly_rows
+
+    print("7 console reads (a year of partitions) ...", flush=True)
     from bench_console import bench_rows
 
     rows += [Row(**row) for row in bench_rows(args.workdir / "console", quick=args.quick)]

@@ -94,9 +94,9 @@ class InputFile:
 class PartitionStorage:
     """The input folder and output folder of one partition.
 
-    :param landing_root: URL of the landing root (``<landing_root>/dt=YYYY-MM-DD/`` holds the input).
-    :param output_root: URL of the output root (``<output_root>/dt=YYYY-MM-DD/`` receives results).
-    :param partition: the partition name, ``YYYY-MM-DD``; checked again here.
+    :param landing_root: URL of the landing root (``<landing_root>/dt=<partition>/`` holds the input).
+    :param output_root: URL of the output root (``<output_root>/dt=<partition>/`` receives results).
+    :param partition: the partition name, ``YYYY-MM-DD`` or ``YYYY-MM-DDTHH``; checked again here.
     :param run_id: the Airflow run whose work folder (``_work/<run>/``) this storage writes.
     """
 
@@ -162,17 +162,19 @@ class PartitionStorage:
             return iter(())
         return iter(sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.name))
 
-    def publish(self, deliverable: str) -> None:
+    def publish(self, deliverable: str, *, dry_run: bool = False) -> None:
         """Move this run's draft of a deliverable into place, replacing the one there.
 
         Only the run holding the partition's claim calls this, so deliverables of two runs never
         interleave. The target is replaced, never deleted first: on local storage the move is an
         atomic rename; on object storage it is a server-side copy (one object written whole, or
         not at all) then the draft's deletion, so a reader sees the old file or the new one and a
-        publish cut short leaves at worst a draft behind in the run's work folder.
+        publish cut short leaves at worst a draft behind in the run's work folder. A dry run's
+        deliverable goes to ``dry_run/<deliverable>``, never over the real one.
         """
         draft = self.output_dir / self.layout.draft(deliverable)
-        draft.rename(self.output_dir / deliverable)
+        target = self.output(self.layout.dry_run(deliverable)) if dry_run else self.output_dir / deliverable
+        draft.rename(target)
 
     def remove_other_runs(self) -> list[str]:
         """Delete other runs' work of this partition, keeping each run's ``summary.json``; return their names.

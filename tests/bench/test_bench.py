@@ -31,7 +31,8 @@ def test_bench_quick_run_prints_one_table_and_counts_add_up(airflow_db, tmp_path
     assert len(table) == len(rows) + 2  # header, rule, one line per row
     figures = " ".join(row["figure"] for row in rows)
     for needed in ("validation", "delivery: BatchSender", "bare aiohttp", "end to end", "memory: validate", "memory: send",
-                   "console: partitions page", "console: envelope health", "envelopes ("):
+                   "console: partitions page", "console: envelope health", "envelopes (", "hourly: one run",
+                   "hourly: latency"):
         assert needed in figures
     for row in rows:
         assert row["value"] > 0
@@ -45,3 +46,8 @@ def test_bench_quick_run_prints_one_table_and_counts_add_up(airflow_db, tmp_path
         assert summary["valid"] == summary["delivered_events"] == counts["valid_unique"]
         assert summary["rejected"] == counts["invalid"] and summary["duplicates"] == counts["duplicates"]
         assert all(run["checks"].values()), run["checks"]
+
+    for run in data["granularity"].values():
+        assert run["state"] == "success" and run["delivered"] == run["valid_expected"] > 0
+        assert run["latency_seconds"] > 0
+    assert data["granularity"]["hourly"]["partition"] == data["granularity"]["daily"]["partition"] + "T13"

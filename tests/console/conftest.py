@@ -50,6 +50,8 @@ def console_world(airflow_db, tmp_path_factory) -> Iterator[ConsoleWorld]:
         configure_pipeline(patch, root, standin)
         assert run_conversions(delivered) == "success"
         assert run_conversions(refused) == "failed"
+        # A dry run after the failure: it sends nothing, so the partition stays failed.
+        assert run_conversions(refused, dry_run=True) == "success"
         import os
 
         env = {k: v for k, v in os.environ.items() if k.startswith(("AIRFLOW_CONN_", "AIRFLOW_VAR_"))}

@@ -257,3 +257,31 @@ def test_no_answer_holds_an_identifier_envelope_ip_or_consent_string(api_client,
     assert len(secrets) > 50
     leaked = {secret for secret in secrets for body in bodies if secret in body}
     assert not leaked
+
+
+def test_a_dry_run_is_shown_apart_and_does_not_change_the_partition_state(api_client, console_world):
+    detail = _get(api_client, f"api/partitions/{console_world.refused}").json()
+    summary = console_world.summary(console_world.refused)
+    # (Other test modules may have run this partition too: the metadata DB is the session's.)
+    assert detail["state"] == "failed" and detail["dry_runs"] >= 1 and detail["runs"] >= 1
+    assert detail["run"]["dry_run"] is False and detail["rerun"]
+    flags = [run["dry_run"] for run in detail["all_runs"]]
+    assert flags.count(True) == detail["dry_runs"] and flags.count(False) == detail["runs"]
+    planned = detail["dry_run_summary"]
+    assert planned["dry_run"] is True and planned["status"] == "planned"
+    # The dry run plans exactly what the failed run left: the refused batch.
+    assert planned["planned_events"] == summary["failed_events"]
+    assert planned["previously_delivered_events"] == summary["delivered_events"]
+
+
+def test_hourly_partition_folders_are_listed_and_described(api_client, console_world, tmp_path, monkeypatch):
+    for key in ("2020-05-01", "2020-05-01T13", "2020-05-01T14"):
+        folder = tmp_path / "output" / f"dt={key}"
+        folder.mkdir(parents=True)
+        folder.joinpath("summary.json").write_text(json.dumps({"partition": key, "status": "complete", "read": 3}))
+    monkeypatch.setenv("AIRFLOW_VAR_CAPI_OUTPUT_ROOT", f"file://{tmp_path / 'output'}")
+    rows = [row["partition"] for row in _get(api_client, "api/partitions", limit=200).json()["partitions"]]
+    assert [r for r in rows if r.startswith("2020-05-01")] == ["2020-05-01T14", "2020-05-01T13", "2020-05-01"]
+    detail = _get(api_client, "api/partitions/2020-05-01T13").json()
+    assert detail["partition"] == "2020-05-01T13" and detail["counts"]["received"] == 3
+    assert _get(api_client, "api/partitions/2020-05-01T24").status_code == 404

@@ -459,3 +459,32 @@ def test_unreachable_sqlite_path(tmp_path: Path) -> None:
     with pytest.raises(StateDatabaseUnavailable, match="missing-dir"):
         check_reachable(engine)
     engine.dispose()
+
+
+def test_hour_keys_fit_and_an_older_ten_character_partition_column_is_widened(fresh_db_url: str) -> None:
+    """State databases made before hourly partitions declared ``partition`` as 10 characters;
+    PostgreSQL enforces that, so ensure_schema widens it in place (rows kept)."""
+    from liveramp_capi.domain.held import HeldConversions, held_table
+
+    hour = "2026-11-20T13"
+    engine = make_engine(fresh_db_url)
+    old = sa.MetaData()
+    for table in (ledger_table, held_table):
+        copy = table.to_metadata(old)
+        copy.c.partition.type = sa.String(10)
+    old.create_all(engine)
+    ledger = DeliveryLedger(engine)
+    [batch] = make_batches(1, events_per_session=2, max_events=5)
+    ledger.mark_in_flight(P, [batch], "old-run")  # a day's row written before the upgrade
+
+    ledger.ensure_schema()
+    HeldConversions(engine).ensure_schema()
+
+    ledger.record_acknowledged(hour, [(batch, 1)], "hourly-run")
+    assert set(rows(ledger, hour)) == {batch.batch_id} and set(rows(ledger, P)) == {batch.batch_id}
+    assert ledger.acknowledged_batch_runs(hour, 0, 1) == {batch.batch_id: "hourly-run"}
+    if engine.dialect.name == "postgresql":  # SQLite keeps the declared text but enforces no length
+        for table in ("capi_delivery_ledger", "capi_held_conversions"):
+            column = next(c for c in sa.inspect(engine).get_columns(table) if c["name"] == "partition")
+            assert column["type"].length == 32
+    engine.dispose()

@@ -55,14 +55,14 @@ def configure_pipeline(monkeypatch: pytest.MonkeyPatch, root: Path, standin: Any
     monkeypatch.setenv("AIRFLOW_VAR_CAPI_MAX_INVALID_RATIO", "0.25")
 
 
-def run_conversions(partition: str) -> str:
+def run_conversions(partition: str, *, dry_run: bool = False) -> str:
     """Run ``tiktok_conversions`` for one partition with ``dag.test()``; return the run's state."""
     from airflow.dag_processing.dagbag import DagBag
     from airflow_env import REPO
 
     bag = DagBag(dag_folder=str(REPO / "dags" / "tiktok_conversions.py"))
     assert not bag.import_errors, bag.import_errors
-    dag_run = bag.get_dag("tiktok_conversions").test(run_conf={"partition": partition})
+    dag_run = bag.get_dag("tiktok_conversions").test(run_conf={"partition": partition, "dry_run": dry_run})
     return str(dag_run.state)
 
 

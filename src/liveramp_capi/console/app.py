@@ -84,7 +84,7 @@ def _partition(value: str) -> str:
     try:
         return parse_partition(value)
     except InvalidPartition:
-        raise HTTPException(status_code=404, detail="no such partition (expected YYYY-MM-DD)") from None
+        raise HTTPException(status_code=404, detail="no such partition (expected YYYY-MM-DD or YYYY-MM-DDTHH)") from None
 
 
 def _page(view: str) -> HTMLResponse:

@@ -78,7 +78,9 @@ def _row(
     summary: dict[str, Any] | None,
     ledger: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    last = partition_runs[0] if partition_runs else None
+    # A dry run sends nothing: the partition's state is that of its newest real run.
+    delivering = runs.real_runs(partition_runs)
+    last = delivering[0] if delivering else None
     row: dict[str, Any] = {
         "partition": partition,
         "state": _state(last, summary),
@@ -86,7 +88,8 @@ def _row(
         "summary_run_id": (summary or {}).get("run_id"),
         "counts": _counts(summary),
         "top_reasons": _top_reasons(summary),
-        "runs": len(partition_runs),
+        "runs": len(delivering),
+        "dry_runs": len(partition_runs) - len(delivering),
         "last_run": last.as_dict() if last else None,
         "duration_seconds": last.duration_seconds if last else None,
     }
@@ -145,7 +148,8 @@ def partition_detail(
         return None
     detail = _row(partition, partition_runs, summary, ledger)
     run = next((r for r in partition_runs if r.run_id == run_id), None) if run_id else None
-    run = run or (partition_runs[0] if partition_runs else None)
+    delivering = runs.real_runs(partition_runs)
+    run = run or (delivering[0] if delivering else partition_runs[0] if partition_runs else None)
     detail["run"] = run.as_dict() if run else None
     detail["summary_is_from_this_run"] = bool(run and summary and summary.get("run_id") == run.run_id)
     detail["rejected_by_reason"] = _top_reasons(summary, limit=None)
@@ -156,6 +160,7 @@ def partition_detail(
     detail["ledger_states"] = ledger
     detail["failed_batches"] = reads.failed_batches(engine, partition, limit=failed_limit, offset=failed_offset)
     detail["all_runs"] = [r.as_dict() for r in partition_runs]
+    detail["dry_run_summary"] = output.dry_run_summary(partition)
     if run is not None:
         tasks = runs.task_states(session, run.run_id)
         detail["tasks"] = tasks
@@ -170,6 +175,7 @@ def daily_series(session: Session, output: OutputRoot, *, days: int, today: dt.d
     today = today or dt.datetime.now(dt.UTC).date()
     by_partition = runs.conversions_runs(session)
     dates = [(today - dt.timedelta(days=n)).isoformat() for n in range(days, 0, -1)]
+    by_partition = {d: runs.real_runs(rs) for d, rs in by_partition.items()}
     last_runs = {d: by_partition[d][0].run_id for d in dates if by_partition.get(d)}
     durations = runs.send_durations(session, last_runs.values())
     series = []

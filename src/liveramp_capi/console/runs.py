@@ -35,6 +35,7 @@ class RunInfo:
     start_date: dt.datetime | None
     end_date: dt.datetime | None
     run_after: dt.datetime | None
+    dry_run: bool = False
 
     @property
     def duration_seconds(self) -> float | None:
@@ -51,6 +52,7 @@ class RunInfo:
             "end_date": _iso(self.end_date),
             "duration_seconds": self.duration_seconds,
             "url": run_url(CONVERSIONS_DAG_ID, self.run_id),
+            "dry_run": self.dry_run,
         }
 
 
@@ -67,6 +69,21 @@ def task_url(dag_id: str, run_id: str, task_id: str, map_index: int) -> str:
     """The Airflow UI page of a task instance (relative to the UI's root)."""
     base = f"{run_url(dag_id, run_id)}/tasks/{quote(task_id, safe='')}"
     return f"{base}/mapped/{map_index}" if map_index >= 0 else base
+
+
+def is_dry_run(conf: Any) -> bool:
+    """Whether a run was triggered with the param ``dry_run`` on (it sent nothing)."""
+    if isinstance(conf, str):
+        try:
+            conf = json.loads(conf)
+        except ValueError:
+            return False
+    return isinstance(conf, dict) and conf.get("dry_run") is True
+
+
+def real_runs(partition_runs: list[RunInfo]) -> list[RunInfo]:
+    """The runs that delivered (not dry runs), in the given order: they alone decide a partition's state."""
+    return [run for run in partition_runs if not run.dry_run]
 
 
 def partition_of(conf: Any, partition_key: str | None, logical_date: dt.datetime | None) -> str | None:
@@ -104,7 +121,7 @@ def conversions_runs(session: Session) -> dict[str, list[RunInfo]]:
             RunInfo(
                 run_id=row.run_id, partition=partition, state=str(row.state), run_type=str(row.run_type),
                 partition_key=row.partition_key, start_date=row.start_date, end_date=row.end_date,
-                run_after=row.run_after,
+                run_after=row.run_after, dry_run=is_dry_run(row.conf),
             )
         )
     epoch = dt.datetime.min.replace(tzinfo=dt.UTC)

@@ -19,7 +19,8 @@ from airflow.sdk import ObjectStoragePath
 
 from liveramp_capi.domain.partition import PartitionLayout, run_key
 
-_PARTITION_FOLDER = re.compile(r"\Adt=(\d{4}-\d{2}-\d{2})\Z")
+#: A partition folder: a day (``dt=2026-11-20``) or an hour (``dt=2026-11-20T13``).
+_PARTITION_FOLDER = re.compile(r"\Adt=(\d{4}-\d{2}-\d{2}(?:T\d{2})?)\Z", re.ASCII)
 _RUN_DATE = re.compile(r"\A\d{4}-\d{2}-\d{2}\Z")
 #: Text values kept by :func:`redact`; every other string is dropped (dict keys are kept: they
 #: are reason codes, counter and check names).
@@ -82,6 +83,11 @@ class OutputRoot:
         """The partition's ``summary.json`` (redacted), or None when there is none (yet)."""
         path = self.root / PartitionLayout(partition).folder / PartitionLayout.summary
         return _read_json(path)
+
+    def dry_run_summary(self, partition: str) -> dict[str, Any] | None:
+        """The partition's last dry run's ``dry_run/summary.json`` (redacted), or None."""
+        layout = PartitionLayout(partition)
+        return _read_json(self.root / layout.folder / layout.dry_run(layout.summary))
 
     def shard_result(self, partition: str, map_index: int, run_id: str) -> dict[str, Any] | None:
         """The counters of run ``run_id``'s ``send`` task with ``map_index`` (redacted), with its shard number.

@@ -597,11 +597,14 @@ class EnvelopeStore:
             ).first()
         return StoredEnvelope.from_row(row) if row is not None else None
 
-    def resolve(self, user_keys: Iterable[str], *, now: int | None = None) -> dict[str, StoredEnvelope]:
+    def resolve(
+        self, user_keys: Iterable[str], *, now: int | None = None, include_expired: bool = False
+    ) -> dict[str, StoredEnvelope]:
         """Return the unexpired row of each user key that has one (keys without one are absent).
 
         :param user_keys: the keys to look up (e.g. one send shard's; looked up in chunks).
         :param now: the current Unix time.
+        :param include_expired: return expired rows too (a dry run replays the upsert over them).
         """
         now = _now() if now is None else int(now)
         keys = sorted(set(user_keys))
@@ -609,9 +612,9 @@ class EnvelopeStore:
         found: dict[str, StoredEnvelope] = {}
         with self.engine.connect() as connection:
             for chunk in chunked(keys, WRITE_CHUNK):
-                query = sa.select(envelope_table).where(
-                    table.c.user_key.in_(list(chunk)), table.c.expires_at > now
-                )
+                query = sa.select(envelope_table).where(table.c.user_key.in_(list(chunk)))
+                if not include_expired:
+                    query = query.where(table.c.expires_at > now)
                 for row in connection.execute(query):
                     found[row.user_key] = StoredEnvelope.from_row(row)
         return found

@@ -72,7 +72,7 @@ metadata = sa.MetaData()
 held_table = sa.Table(
     "capi_held_conversions",
     metadata,
-    sa.Column("partition", sa.String(10), primary_key=True),
+    sa.Column("partition", sa.String(32), primary_key=True),
     # TikTok's deduplication key (event_type + event_id), hashed to a fixed width.
     sa.Column("event_key", sa.String(32), primary_key=True),
     sa.Column("event_id", sa.Text, nullable=False),

@@ -45,7 +45,8 @@ metadata = sa.MetaData()
 ledger_table = sa.Table(
     "capi_delivery_ledger",
     metadata,
-    sa.Column("partition", sa.String(10), primary_key=True),
+    # A day (YYYY-MM-DD) or an hour (YYYY-MM-DDTHH), with room to spare.
+    sa.Column("partition", sa.String(32), primary_key=True),
     sa.Column("batch_id", sa.String(32), primary_key=True),
     sa.Column("session_key_hash", sa.BigInteger, nullable=False),
     sa.Column("event_count", sa.Integer, nullable=False),
@@ -143,12 +144,38 @@ def ensure_component_schema(
                         )
                     for table in (schema_version_table, *tables):
                         table.create(connection, checkfirst=True)
+                    if dialect == "postgresql":
+                        _widen_text_columns(connection, tables)
                     _check_version(connection, component, version)
             return
         except DBAPIError as exc:
             if attempt == 2 or "already exists" not in str(exc.orig).lower():
                 raise
             time.sleep(0.05 * (attempt + 1))
+
+
+def _widen_text_columns(connection: Connection, tables: Sequence[sa.Table]) -> None:
+    """Widen PostgreSQL ``varchar`` columns narrower than this code declares (e.g. ``partition``,
+    10 characters before hourly keys such as ``2026-11-20T13`` needed 13). Widening keeps every
+    row; SQLite does not enforce lengths, so only PostgreSQL needs it."""
+    for table in tables:
+        declared = {
+            column.name: column.type.length
+            for column in table.columns
+            if isinstance(column.type, sa.String) and column.type.length
+        }
+        found = connection.execute(
+            sa.text(
+                "SELECT column_name, character_maximum_length FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND table_name = :table"
+            ),
+            {"table": table.name},
+        ).all()
+        for name, length in found:
+            if name in declared and length is not None and length < declared[name]:
+                connection.execute(
+                    sa.text(f'ALTER TABLE {table.name} ALTER COLUMN "{name}" TYPE varchar({int(declared[name])})')
+                )
 
 
 def _check_version(connection: Connection, component: str, version: int) -> None:

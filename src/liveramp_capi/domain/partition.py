@@ -1,6 +1,8 @@
 """Partition names and the layout of a partition's files under the landing and output roots.
 
-A partition is one calendar day, named ``YYYY-MM-DD``. Everything a run reads or writes is
+A partition is one calendar day, named ``YYYY-MM-DD``, or one hour of a day, named
+``YYYY-MM-DDTHH`` (UTC, ``00``..``23``); its folder is ``dt=<name>`` either way, so a day's
+folder and its hours' folders sit side by side under one root. Everything a run reads or writes is
 derived from that name and two configured roots, so a name is checked strictly before any
 path is built from it: nothing the user types can point a run outside its roots.
 """
@@ -13,7 +15,16 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-_PARTITION_RE = re.compile(r"\A\d{4}-\d{2}-\d{2}\Z")
+_PARTITION_RE = re.compile(r"\A\d{4}-\d{2}-\d{2}(T\d{2})?\Z", re.ASCII)
+
+#: The two partition granularities and the ``strftime`` format of their names (the partition
+#: timetable's ``key_format``).
+DAILY = "daily"
+HOURLY = "hourly"
+KEY_FORMATS: dict[str, str] = {DAILY: "%Y-%m-%d", HOURLY: "%Y-%m-%dT%H"}
+
+#: The folder of a partition's output that holds what a dry run wrote (never the real deliverables).
+DRY_RUN_DIR = "dry_run"
 _UNSAFE_RE = re.compile(r"[^A-Za-z0-9._-]+")
 
 #: The folder under a partition's output that holds each run's work, one folder per run.
@@ -28,7 +39,7 @@ ALLOWED_ROOT_SCHEMES: frozenset[str] = frozenset({"file", "s3", "gs", "gcs", "ab
 
 
 class InvalidPartition(ValueError):
-    """A partition name that is not a real ``YYYY-MM-DD`` date."""
+    """A partition name that is not a real ``YYYY-MM-DD`` date or ``YYYY-MM-DDTHH`` hour."""
 
 
 class InvalidRoot(ValueError):
@@ -44,13 +55,21 @@ def parse_partition(value: object) -> str:
     if not _PARTITION_RE.match(text):
         # The value itself is echoed only as a length: it may be anything the user pasted.
         raise InvalidPartition(
-            f"partition must be a date written YYYY-MM-DD (got a {len(text)}-character value that is not)"
+            "partition must be a date written YYYY-MM-DD or an hour written YYYY-MM-DDTHH "
+            f"(got a {len(text)}-character value that is neither)"
         )
     try:
-        dt.date.fromisoformat(text)
+        dt.date.fromisoformat(text[:10])
     except ValueError as err:
-        raise InvalidPartition(f"partition {text} is not a calendar date: {err}") from None
+        raise InvalidPartition(f"partition {text[:10]} is not a calendar date: {err}") from None
+    if partition_granularity(text) == HOURLY and int(text[11:]) > 23:
+        raise InvalidPartition(f"partition of {text[:10]}: the hour must lie between 00 and 23")
     return text
+
+
+def partition_granularity(name: str) -> str:
+    """:data:`HOURLY` for an hour's name (``YYYY-MM-DDTHH``), else :data:`DAILY`."""
+    return HOURLY if "T" in name else DAILY
 
 
 def check_root(url: str, *, name: str) -> str:
@@ -156,6 +175,24 @@ class PartitionLayout:
     def expired_dir(self) -> str:
         return self.work("envelope_expired")
 
+    @property
+    def plan_dir(self) -> str:
+        return self.work("plan")
+
+    def plan_part(self, index: int) -> str:
+        """A dry run's planned batches of one shard."""
+        return self.work(f"plan/shard-{index:05d}.jsonl")
+
+    @property
+    def envelope_overlay(self) -> str:
+        """A dry run's newest envelope per user key of the partition (what a real run would upsert)."""
+        return self.work("envelope_overlay.jsonl")
+
+    @staticmethod
+    def dry_run(deliverable: str) -> str:
+        """Where a dry run publishes a deliverable: beside the real ones, never over them."""
+        return f"{DRY_RUN_DIR}/{deliverable}"
+
     def draft(self, deliverable: str) -> str:
         """Where this run writes a deliverable before it is moved into place."""
         return self.work(f"publish/{deliverable}")
@@ -164,6 +201,7 @@ class PartitionLayout:
     rejected = "rejected.jsonl"
     failed = "failed.jsonl"
     summary = "summary.json"
+    plan = "plan.jsonl"
 
     def shard(self, index: int) -> str:
         return self.work(f"shards/shard-{index:05d}.jsonl")

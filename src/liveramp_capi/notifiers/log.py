@@ -123,17 +123,17 @@ def default_failure_notifier(title: str = "partition failed") -> BaseNotifier:
         return factory()
 
 
-def _deadline_minutes() -> float:
-    raw = os.environ.get(DEADLINE_MINUTES_ENV, "").strip()
+def _deadline_minutes(env: str = DEADLINE_MINUTES_ENV) -> float:
+    raw = os.environ.get(env, "").strip()
     if not raw:
         return float(DEFAULT_DEADLINE_MINUTES)
     minutes = float(raw)
     if minutes < 0:
-        raise ValueError(f"{DEADLINE_MINUTES_ENV} must be a number of minutes (0: no deadline alert)")
+        raise ValueError(f"{env} must be a number of minutes (0: no deadline alert)")
     return minutes
 
 
-def partition_deadline_alert(minutes: float | None = None) -> DeadlineAlert | None:
+def partition_deadline_alert(minutes: float | None = None, *, env: str = DEADLINE_MINUTES_ENV) -> DeadlineAlert | None:
     """A deadline alert that flags a run not finished ``minutes`` after it was queued, or ``None`` when off.
 
     ``CAPI_PARTITION_DEADLINE_MINUTES`` sets it (e.g. 360: the 03:00 UTC run must be done by
@@ -150,8 +150,9 @@ def partition_deadline_alert(minutes: float | None = None) -> DeadlineAlert | No
     The callback is :class:`LogNotifier`, run in the triggerer, which must therefore be running.
 
     :param minutes: overrides the environment / default; ``0`` means no alert.
+    :param env: the environment variable read (the hourly DAG has its own).
     """
-    minutes = minutes if minutes is not None else _deadline_minutes()
+    minutes = minutes if minutes is not None else _deadline_minutes(env)
     if minutes == 0:
         return None
     interval = dt.timedelta(minutes=minutes)

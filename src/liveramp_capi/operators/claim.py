@@ -19,15 +19,19 @@ class ClaimPartitionOperator(BaseOperator):
     ledger knowing what was acknowledged, sends only what is left (usually nothing). The wait
     holds a worker slot: it is the rare case, and polling the state database is cheap.
 
-    :param partition: the partition, ``YYYY-MM-DD`` (templated).
+    :param partition: the partition, ``YYYY-MM-DD`` or ``YYYY-MM-DDTHH`` (templated).
     :param landing_root: URL of the landing root (templated).
     :param output_root: URL of the output root (templated).
     :param wait_minutes: how long to wait for another run's claim before failing (templated).
     :param poll_seconds: seconds between two attempts (templated).
     :param capi_state_conn_id: the state database connection.
+    :param dry_run: claim, but leave other runs' work folders in place: a failed run whose tasks
+        are cleared after a dry run still finds its shards (templated).
     """
 
-    template_fields: Sequence[str] = ("partition", "landing_root", "output_root", "wait_minutes", "poll_seconds")
+    template_fields: Sequence[str] = (
+        "partition", "landing_root", "output_root", "wait_minutes", "poll_seconds", "dry_run"
+    )
     ui_color = "#fce8e6"
 
     def __init__(
@@ -39,6 +43,7 @@ class ClaimPartitionOperator(BaseOperator):
         wait_minutes: float | str = 60,
         poll_seconds: float | str = 15.0,
         capi_state_conn_id: str = "capi_state_default",
+        dry_run: bool | str = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -48,9 +53,11 @@ class ClaimPartitionOperator(BaseOperator):
         self.wait_minutes = wait_minutes
         self.poll_seconds = poll_seconds
         self.capi_state_conn_id = capi_state_conn_id
+        self.dry_run = dry_run
 
     def execute(self, context: Any) -> dict[str, Any]:
         from liveramp_capi.hooks.state import CapiStateHook
+        from liveramp_capi.operators.config_errors import setting_flag
         from liveramp_capi.operators.partition_claim import claim_with_wait, open_lease, run_owner
         from liveramp_capi.storage import PartitionStorage, check_root_reachable
 
@@ -72,7 +79,7 @@ class ClaimPartitionOperator(BaseOperator):
             poll_seconds=poll_seconds,
             log=self.log,
         )
-        removed = storage.remove_other_runs()
+        removed = [] if setting_flag(self.dry_run, "dry_run") else storage.remove_other_runs()
         self.log.info(
             "Partition %s claimed by run %s%s",
             storage.partition,

@@ -62,3 +62,21 @@ def setting_number(value: Any, kind: type, name: str, variable: str | None, exam
             f"e.g. {example} (got {str(value)[:20]!r}); fix it under Admin > Variables, then clear this task"
         )
     return number
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off", "none"})
+
+
+def setting_flag(value: Any, name: str) -> bool:
+    """``value`` (a rendered param such as ``True``) as a bool, or a failure naming the setting.
+
+    :param value: the rendered setting.
+    :param name: the param or argument it came from.
+    """
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise AirflowFailException(f"{name} must be true or false (got {str(value)[:20]!r})")

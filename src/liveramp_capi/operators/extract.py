@@ -18,7 +18,7 @@ class ExtractPartitionOperator(BaseOperator):
     way is not half-read by one task and missed by another: the next run of the partition
     picks it up.
 
-    :param partition: the partition, ``YYYY-MM-DD`` (templated).
+    :param partition: the partition, ``YYYY-MM-DD`` or ``YYYY-MM-DDTHH`` (templated).
     :param landing_root: URL of the landing root (templated).
     :param output_root: URL of the output root (templated).
     :param allow_empty: succeed on a partition folder with no input files (default: fail, since

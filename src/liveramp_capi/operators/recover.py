@@ -38,9 +38,10 @@ class RecoverHeldConversionsOperator(BaseOperator):
         counted by state in the result (``this_partition``); None in the refresh DAG.
     :param liveramp_capi_conn_id: the CAPI adapter connection.
     :param capi_state_conn_id: the state database connection.
+    :param dry_run: do nothing (recovery sends and marks held events; a dry run does neither).
     """
 
-    template_fields: Sequence[str] = ("output_root", "result_folder", "max_event_age_days", "partition")
+    template_fields: Sequence[str] = ("output_root", "result_folder", "max_event_age_days", "partition", "dry_run")
     ui_color = "#fce8e6"
 
     def __init__(
@@ -52,6 +53,7 @@ class RecoverHeldConversionsOperator(BaseOperator):
         partition: str | None = None,
         liveramp_capi_conn_id: str = "liveramp_capi_default",
         capi_state_conn_id: str = "capi_state_default",
+        dry_run: bool | str = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -61,6 +63,7 @@ class RecoverHeldConversionsOperator(BaseOperator):
         self.partition = partition
         self.liveramp_capi_conn_id = liveramp_capi_conn_id
         self.capi_state_conn_id = capi_state_conn_id
+        self.dry_run = dry_run
 
     def execute(self, context: Any) -> dict[str, Any]:
         import json
@@ -75,7 +78,11 @@ class RecoverHeldConversionsOperator(BaseOperator):
         from liveramp_capi.domain.statedb import StateDatabaseUnavailable, check_reachable
         from liveramp_capi.hooks.capi import LiveRampCapiHook
         from liveramp_capi.hooks.state import CapiStateHook
+        from liveramp_capi.operators.config_errors import setting_flag
 
+        if setting_flag(self.dry_run, "dry_run"):
+            self.log.info("Dry run: held conversions are neither sent nor marked")
+            return {"dry_run": True}
         try:
             window_days = int(self.max_event_age_days)
         except (TypeError, ValueError):

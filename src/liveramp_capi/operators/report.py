@@ -24,13 +24,15 @@ class ReportConversionsOperator(BaseOperator):
     this run's work; it publishes the partition's files only while this run owns the partition,
     then releases the claim.
 
-    :param partition: the partition, ``YYYY-MM-DD`` (templated).
+    :param partition: the partition, ``YYYY-MM-DD`` or ``YYYY-MM-DDTHH`` (templated).
     :param landing_root: URL of the landing root (templated).
     :param output_root: URL of the output root (templated).
     :param capi_state_conn_id: the state database connection (the partition claim).
+    :param dry_run: write the dry run's ``summary.json`` and ``plan.jsonl`` under ``dry_run/``
+        (the partition's real files stay as they are); green once every step has planned.
     """
 
-    template_fields: Sequence[str] = ("partition", "landing_root", "output_root")
+    template_fields: Sequence[str] = ("partition", "landing_root", "output_root", "dry_run")
     ui_color = "#f3e8fd"
 
     def __init__(
@@ -40,6 +42,7 @@ class ReportConversionsOperator(BaseOperator):
         landing_root: str,
         output_root: str,
         capi_state_conn_id: str = "capi_state_default",
+        dry_run: bool | str = False,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("trigger_rule", "all_done")
@@ -48,11 +51,14 @@ class ReportConversionsOperator(BaseOperator):
         self.landing_root = landing_root
         self.output_root = output_root
         self.capi_state_conn_id = capi_state_conn_id
+        self.dry_run = dry_run
 
     def execute(self, context: Any) -> dict[str, Any]:
+        from liveramp_capi.domain.dry_run import build_dry_run_summary
         from liveramp_capi.domain.held import HELD_RECOVERY_FILE
         from liveramp_capi.domain.summary import build_summary
         from liveramp_capi.hooks.state import CapiStateHook
+        from liveramp_capi.operators.config_errors import setting_flag
         from liveramp_capi.operators.partition_claim import open_lease, run_owner, try_claim
         from liveramp_capi.state.lease import PartitionHeld
         from liveramp_capi.storage import PartitionStorage
@@ -60,9 +66,10 @@ class ReportConversionsOperator(BaseOperator):
         with permanent_config_errors():
             storage = PartitionStorage(self.landing_root, self.output_root, self.partition, context["run_id"])
         layout = storage.layout
+        dry_run = setting_flag(self.dry_run, "dry_run")
         validation = storage.read_json(layout.validation) if storage.exists(layout.validation) else None
         results = [json.loads(path.read_bytes()) for path in storage.iter_output_files(layout.results_dir)]
-        summary = build_summary(
+        summary = (build_dry_run_summary if dry_run else build_summary)(
             storage.partition,
             validation,
             results,
@@ -90,12 +97,18 @@ class ReportConversionsOperator(BaseOperator):
                 "partition's own files were left as that run writes them"
             ) from None
         try:
-            self._publish(storage, summary)
+            if dry_run:
+                self._publish_dry_run(storage, summary)
+            else:
+                self._publish(storage, summary)
         finally:
             # The run is done with its partition (whatever its outcome): the next run need not wait.
             lease.release(storage.partition, run_owner(context))
         self.log.info("Partition %s summary: %s", storage.partition, json.dumps(summary, sort_keys=True))
         self._raise_unless_complete(storage, summary)
+        if dry_run:
+            return {k: summary.get(k) for k in ("partition", "status", "dry_run", "read", "valid", "rejected",
+                                                "planned_batches", "planned_events")}
         return {
             k: summary.get(k)
             for k in ("partition", "status", "read", "valid", "rejected", "duplicates", "delivered_events",
@@ -116,6 +129,16 @@ class ReportConversionsOperator(BaseOperator):
         storage.publish(layout.summary)
 
     @staticmethod
+    def _publish_dry_run(storage: Any, summary: dict[str, Any]) -> None:
+        layout = storage.layout
+        with storage.open_output(layout.draft(layout.plan)) as out:
+            for path in storage.iter_output_files(layout.plan_dir):
+                out.write(path.read_bytes())
+        storage.publish(layout.plan, dry_run=True)
+        storage.write_json(layout.draft(layout.summary), summary)
+        storage.publish(layout.summary, dry_run=True)
+
+    @staticmethod
     def _raise_unless_complete(storage: Any, summary: dict[str, Any]) -> None:
         layout = storage.layout
         where = f"see {layout.folder}/{layout.summary}"
@@ -125,7 +148,15 @@ class ReportConversionsOperator(BaseOperator):
                 f"partition {storage.partition} was not processed by this run ({stopped or 'validation did not run'}): "
                 f"nothing was sent; this run's summary is {layout.folder}/{layout.work(layout.summary)}"
             )
-        if summary["status"] != "complete":
+        if summary.get("dry_run"):
+            where = f"see {layout.folder}/{layout.dry_run(layout.summary)}"
+            if summary["status"] != "planned":
+                stopped = ", ".join(f"{task} {state}" for task, state in summary["unfinished_tasks"].items())
+                raise AirflowFailException(
+                    f"dry run of partition {storage.partition} is {summary['status'].replace('_', ' ')}"
+                    + (f"; tasks not done: {stopped}" if stopped else "") + f"; {where}"
+                )
+        elif summary["status"] != "complete":
             stopped = ", ".join(f"{task} {state}" for task, state in summary["unfinished_tasks"].items())
             raise AirflowFailException(
                 f"partition {storage.partition} is {summary['status'].replace('_', ' ')}: this run delivered "

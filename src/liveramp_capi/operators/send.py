@@ -32,16 +32,18 @@ class SendConversionsOperator(BaseOperator):
     failed for good, listing them in ``failed.jsonl``.
 
     :param shard: the shard index (mapped from the validate step).
-    :param partition: the partition, ``YYYY-MM-DD`` (templated).
+    :param partition: the partition, ``YYYY-MM-DD`` or ``YYYY-MM-DDTHH`` (templated).
     :param landing_root: URL of the landing root (templated; used only to check the partition).
     :param output_root: URL of the output root (templated).
     :param liveramp_capi_conn_id: the CAPI adapter connection.
     :param capi_state_conn_id: the state database connection.
     :param session_gap_seconds: inactivity that ends an envelope-keyed session.
     :param max_batch_events: overrides the connection's ``max_batch_events`` (1..1000).
+    :param dry_run: plan the shard's batches exactly as a real run would and write the plan;
+        send nothing and write nothing to the state database (templated).
     """
 
-    template_fields: Sequence[str] = ("partition", "landing_root", "output_root")
+    template_fields: Sequence[str] = ("partition", "landing_root", "output_root", "dry_run")
     ui_color = "#e6f4ea"
 
     def __init__(
@@ -55,6 +57,7 @@ class SendConversionsOperator(BaseOperator):
         capi_state_conn_id: str = "capi_state_default",
         session_gap_seconds: int = 1800,
         max_batch_events: int | None = None,
+        dry_run: bool | str = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -66,6 +69,7 @@ class SendConversionsOperator(BaseOperator):
         self.capi_state_conn_id = capi_state_conn_id
         self.session_gap_seconds = session_gap_seconds
         self.max_batch_events = max_batch_events
+        self.dry_run = dry_run
 
     def execute(self, context: Any) -> dict[str, Any]:
         from sqlalchemy.exc import SQLAlchemyError
@@ -73,10 +77,12 @@ class SendConversionsOperator(BaseOperator):
         from liveramp_capi.domain.statedb import StateDatabaseUnavailable, _scrub, check_reachable, describe
         from liveramp_capi.hooks.capi import LiveRampCapiHook
         from liveramp_capi.hooks.state import CapiStateHook
+        from liveramp_capi.operators.config_errors import setting_flag
         from liveramp_capi.operators.partition_claim import holding_partition
         from liveramp_capi.storage import PartitionStorage
 
         shard = int(self.shard)
+        dry_run = setting_flag(self.dry_run, "dry_run")
         with permanent_config_errors():
             storage = PartitionStorage(self.landing_root, self.output_root, self.partition, context["run_id"])
         partition = storage.partition
@@ -106,7 +112,56 @@ class SendConversionsOperator(BaseOperator):
         max_events = int(self.max_batch_events or settings.max_batch_events)
 
         with holding_partition(state, partition, context) as claim:
+            if dry_run:
+                return self._plan(storage, ledger, envelope_store, held, shard, max_events)
             return self._deliver(context, storage, ledger, envelope_store, held, capi, claim, shard, max_events, run_id)
+
+    def _plan(self, storage: Any, ledger: Any, envelope_store: Any, held: Any, shard: int, max_events: int) -> dict[str, Any]:
+        """A dry run's send step: the batches a real run would send now, written as a plan; nothing sent or recorded."""
+        import time
+
+        from liveramp_capi.domain.dry_run import PLAN_COUNTERS, overlay_envelopes, plan_line
+        from liveramp_capi.domain.send_plan import plan_session
+        from liveramp_capi.domain.sessions import read_shard, sessionise
+
+        partition, layout = storage.partition, storage.layout
+        shard_count = int(storage.read_json(layout.validation)["shard_count"])
+        for stale in (layout.result(shard), layout.plan_part(shard)):
+            if storage.exists(stale):
+                (storage.output_dir / stale).unlink()
+        # Read-only look-ups, the same a real send makes: acknowledged batches are not planned,
+        # events the held table owns are not either.
+        acknowledged = ledger.acknowledged_batch_runs(partition, shard, shard_count)
+        held_index = held.shard_index(partition, shard, shard_count)
+        with storage.output(layout.shard(shard)).open("rb") as stream:
+            sessions = list(sessionise(read_shard(stream), gap_seconds=self.session_gap_seconds))
+        now = int(time.time())
+        keys = {entry.user_key for session in sessions for entry in session.entries if entry.user_key}
+        stored = envelope_store.resolve(keys, now=now, include_expired=True)
+        with storage.output(layout.envelope_overlay).open("rb") as overlay:
+            stored = overlay_envelopes(stored, overlay, keys, now)
+        counts: Counter[str] = Counter(sessions=len(sessions))
+        lines: list[bytes] = []
+        for session in sessions:
+            counts["events"] += len(session.entries)
+            plan = plan_session(session, stored, now, partition=partition, max_events=max_events,
+                                acknowledged=acknowledged, held=held_index)
+            plan.add_counts(counts)
+            for batch in plan.batches:
+                counts["planned_batches"] += 1
+                counts["planned_events"] += batch.event_count
+                lines.append(plan_line(shard, batch.batch_id, batch.event_count))
+        with storage.open_output(layout.plan_part(shard)) as out:
+            out.write(b"".join(line + b"\n" for line in lines))
+        result = {"shard": shard, "partition": partition, "dry_run": True, **{k: int(counts[k]) for k in PLAN_COUNTERS}}
+        storage.write_json(layout.result(shard), result)
+        self.log.info(
+            "Dry run, shard %d: %d sessions, %d batches (%d events) planned, %d events delivered earlier, "
+            "%d would be held (envelope expired); nothing sent",
+            shard, counts["sessions"], counts["planned_batches"], counts["planned_events"],
+            counts["previously_delivered_events"], counts["envelope_expired_events"],
+        )
+        return {k: result[k] for k in ("shard", "partition", "events", "planned_batches", "planned_events")}
 
     def _deliver(
         self,

@@ -31,7 +31,7 @@ class ValidateConversionsOperator(BaseOperator):
     valid events go to session shards for the send step. The task fails, after writing the
     rejects, when the rejected share exceeds ``max_invalid_ratio``.
 
-    :param partition: the partition, ``YYYY-MM-DD`` (templated).
+    :param partition: the partition, ``YYYY-MM-DD`` or ``YYYY-MM-DDTHH`` (templated).
     :param landing_root: URL of the landing root (templated).
     :param output_root: URL of the output root (templated).
     :param max_invalid_ratio: the largest share of rejected records (0..1) the partition may hold.
@@ -43,6 +43,8 @@ class ValidateConversionsOperator(BaseOperator):
     :param max_line_bytes: longer input lines are rejected unread.
     :param capi_state_conn_id: the state database connection; accepted records with a
         ``user_key`` and an envelope are upserted into its envelope store (newer envelopes win).
+    :param dry_run: write the rejects to ``dry_run/rejected.jsonl`` and leave the envelope store
+        alone: the partition's newest envelopes go to the run's work folder instead (templated).
     """
 
     template_fields: Sequence[str] = (
@@ -54,6 +56,7 @@ class ValidateConversionsOperator(BaseOperator):
         "allow_custom_events",
         "reference_time",
         "events_per_shard",
+        "dry_run",
     )
     ui_color = "#fef7e0"
 
@@ -71,6 +74,7 @@ class ValidateConversionsOperator(BaseOperator):
         events_per_shard: int | str = 100_000,
         max_line_bytes: int = 1_048_576,
         capi_state_conn_id: str = "capi_state_default",
+        dry_run: bool | str = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -85,6 +89,7 @@ class ValidateConversionsOperator(BaseOperator):
         self.events_per_shard = events_per_shard
         self.max_line_bytes = max_line_bytes
         self.capi_state_conn_id = capi_state_conn_id
+        self.dry_run = dry_run
 
     def _settings(self) -> tuple[float, int, bool, int]:
         """The run's validation settings, each checked with a message naming where it comes from."""
@@ -110,10 +115,12 @@ class ValidateConversionsOperator(BaseOperator):
     def execute(self, context: Any) -> list[int]:
         from liveramp_capi.domain.statedb import StateDatabaseUnavailable, check_reachable
         from liveramp_capi.hooks.state import CapiStateHook
+        from liveramp_capi.operators.config_errors import setting_flag
         from liveramp_capi.operators.partition_claim import holding_partition
         from liveramp_capi.storage import PartitionStorage
 
         max_ratio, max_age_days, allow_custom, now = self._settings()
+        dry_run = setting_flag(self.dry_run, "dry_run")
         with permanent_config_errors():
             storage = PartitionStorage(self.landing_root, self.output_root, self.partition, context["run_id"])
         layout = storage.layout
@@ -125,18 +132,26 @@ class ValidateConversionsOperator(BaseOperator):
         except StateDatabaseUnavailable as err:
             raise AirflowException(f"state database unavailable, nothing validated: {err}") from None
         with holding_partition(state, storage.partition, context) as claim:
-            shards = self._validate(storage, envelope_store, max_ratio, max_age_days, allow_custom, now)
+            shards = self._validate(storage, envelope_store, max_ratio, max_age_days, allow_custom, now, dry_run)
             # rejected.jsonl is replaced only while this run owns the partition.
             claim.ensure_held()
-            storage.publish(layout.rejected)
+            storage.publish(layout.rejected, dry_run=dry_run)
         return shards
 
     def _validate(
-        self, storage: Any, envelope_store: Any, max_ratio: float, max_age_days: int, allow_custom: bool, now: int
+        self,
+        storage: Any,
+        envelope_store: Any,
+        max_ratio: float,
+        max_age_days: int,
+        allow_custom: bool,
+        now: int,
+        dry_run: bool = False,
     ) -> list[int]:
         import orjson
 
         from liveramp_capi.domain.checks import DuplicateEventIds, EventTimeWindow
+        from liveramp_capi.domain.dry_run import newest_envelopes, overlay_line
         from liveramp_capi.domain.envelopes import EnvelopeRecord
         from liveramp_capi.domain.schema import EventSchemaValidator
         from liveramp_capi.domain.sessions import ShardWriter, plan_shard_count, session_grouping_key
@@ -165,6 +180,15 @@ class ValidateConversionsOperator(BaseOperator):
         # batched, and a rerun leaves it as one run would (the newer issued_at wins).
         envelope_records: list[EnvelopeRecord] = []
         envelopes_upserted = 0
+        # A dry run changes no store row: it keeps the newest envelope per user key for its send step.
+        planned_envelopes: dict[str, EnvelopeRecord] = {}
+
+        def store_envelopes(records: list[EnvelopeRecord]) -> int:
+            if not dry_run:
+                return int(envelope_store.upsert(records))
+            newest_envelopes(records, planned_envelopes)
+            return 0
+
         started = time.monotonic()
         with (
             storage.open_output(layout.draft(layout.rejected)) as rejected_out,
@@ -193,14 +217,18 @@ class ValidateConversionsOperator(BaseOperator):
                             if envelope is not None:
                                 envelope_records.append(envelope)
                                 if len(envelope_records) >= _ENVELOPE_UPSERT_BATCH:
-                                    envelopes_upserted += envelope_store.upsert(envelope_records)
+                                    envelopes_upserted += store_envelopes(envelope_records)
                                     envelope_records.clear()
                         elif isinstance(outcome, Rejected):
                             rejected_out.write(orjson.dumps(outcome.to_json_dict()) + b"\n")
                 self.log.info("Validated %s: %d records read so far", name, tally.read)
             shard_counts = list(shards.counts)
         if envelope_records:
-            envelopes_upserted += envelope_store.upsert(envelope_records)
+            envelopes_upserted += store_envelopes(envelope_records)
+        if dry_run:
+            with storage.open_output(layout.envelope_overlay) as overlay_out:
+                for record in planned_envelopes.values():
+                    overlay_out.write(overlay_line(record) + b"\n")
         elapsed = time.monotonic() - started
 
         exceeded = tally.rejected_ratio > max_ratio
@@ -216,9 +244,11 @@ class ValidateConversionsOperator(BaseOperator):
             "rejected_ratio_exceeded": exceeded,
             "seconds": round(elapsed, 3),
             "envelope_store_upserts": envelopes_upserted,
+            "dry_run": dry_run,
         }
         storage.write_json(layout.validation, validation)
-        metrics.validated(validation)
+        if not dry_run:
+            metrics.validated(validation)
         self.log.info(
             "Partition %s: read %d, valid %d, rejected %d, duplicates %d in %.1f s (%d shards); rejected by reason: %s",
             storage.partition,
@@ -231,7 +261,7 @@ class ValidateConversionsOperator(BaseOperator):
             validation.get("rejected_by_code", {}),
         )
         if exceeded:
-            storage.publish(layout.rejected)
+            storage.publish(layout.rejected, dry_run=dry_run)
             raise AirflowFailException(
                 f"{tally.rejected} of {tally.read} records rejected ({tally.rejected_ratio:.1%}), more than "
                 f"max_invalid_ratio {max_ratio:.1%}: nothing was sent; see {layout.folder}/{layout.rejected}"

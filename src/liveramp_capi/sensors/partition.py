@@ -27,7 +27,7 @@ class PartitionReadySensor(BaseSensorOperator):
     in the triggerer, so the wait holds no worker slot. With ``deferrable=False`` it pokes in a
     worker slot like a classic sensor (for deployments without a triggerer).
 
-    :param partition: the partition, ``YYYY-MM-DD`` (templated).
+    :param partition: the partition, ``YYYY-MM-DD`` or ``YYYY-MM-DDTHH`` (templated).
     :param landing_root: URL of the landing root (templated).
     :param max_wait_minutes: how long to wait for the marker before failing (templated).
     :param poll_seconds: seconds between two checks (templated; overrides ``poke_interval``).

@@ -233,7 +233,17 @@
       el("h1", {}, `Partition ${detail.partition} `, badge(detail.state)),
       detail.summary_is_from_this_run === false && detail.counts && Object.keys(detail.counts).length ? el("p", { class: "muted" }, `The partition's summary was written by run ${detail.summary_run_id || "another run"}.`) : null,
       detail.counts ? detailBlock(detail) : el("p", { class: "muted" }, "No summary yet for this run."),
+      dryRunBlock(detail.dry_run_summary),
     ];
+  }
+
+  // The last dry run of the partition: what a real run would send; it sent nothing.
+  function dryRunBlock(summary) {
+    if (!summary || !summary.dry_run) return null;
+    return el("p", { class: "muted" },
+      `Last dry run (sent nothing): ${summary.status}, ${fmt.format(summary.planned_events || 0)} events in ` +
+      `${fmt.format(summary.planned_batches || 0)} batches planned, ${fmt.format(summary.rejected || 0)} rejected; ` +
+      "plan in dry_run/plan.jsonl.");
   }
 
   async function run() {
