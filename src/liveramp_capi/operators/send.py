@@ -125,6 +125,7 @@ class SendConversionsOperator(BaseOperator):
 
         import orjson
 
+        from liveramp_capi.delivery.heap import collector_paused
         from liveramp_capi.domain.batches import Batch
         from liveramp_capi.domain.send_plan import plan_session
         from liveramp_capi.domain.sessions import read_shard, sessionise
@@ -155,14 +156,17 @@ class SendConversionsOperator(BaseOperator):
                 shard,
                 len(unknown_outcome),
             )
-        with storage.output(layout.shard(shard)).open("rb") as stream:
+        # The sessions live until the task ends: collections while reading them are wasted work
+        # (the engine keeps the collector off them while sending, see delivery/heap.py).
+        with collector_paused(), storage.output(layout.shard(shard)).open("rb") as stream:
             sessions = list(sessionise(read_shard(stream), gap_seconds=self.session_gap_seconds))
         # Envelope resolution: the freshest unexpired envelope per user key, the record's own or
         # the store's; one look-up for the shard (chunked), decided at send time.
         now = int(time.time())
-        stored = envelope_store.resolve(
-            {entry.user_key for session in sessions for entry in session.entries if entry.user_key}, now=now
-        )
+        with collector_paused():
+            stored = envelope_store.resolve(
+                {entry.user_key for session in sessions for entry in session.entries if entry.user_key}, now=now
+            )
         expired_lines: list[bytes] = []
         # Events held by an earlier run belong to the held table (recovery delivers them);
         # events held now are recorded there before any batch of their session is sent.
