@@ -479,6 +479,8 @@ def run_dag_child(partition: str, out: str, dag_id: str = "tiktok_conversions") 
     :param out: where to write the JSON result.
     :param dag_id: the DAG to run (its file is ``dags/<dag_id>.py``).
     """
+    import gc
+
     import psutil
     from airflow.dag_processing.dagbag import DagBag
 
@@ -490,6 +492,17 @@ def run_dag_child(partition: str, out: str, dag_id: str = "tiktok_conversions") 
     current: list[str | None] = [None]
     peaks: dict[str, int] = {}
     seconds: dict[str, float] = {}
+    # Time in the cyclic garbage collector per task (a large heap makes every collection slow).
+    gc_seconds: dict[str, float] = {}
+    gc_started = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            gc_started[0] = time.perf_counter()
+        elif current[0] is not None:
+            gc_seconds[current[0]] = gc_seconds.get(current[0], 0.0) + time.perf_counter() - gc_started[0]
+
+    gc.callbacks.append(on_gc)
 
     def wrap(cls: Any) -> None:
         original = cls.execute
@@ -498,11 +511,21 @@ def run_dag_child(partition: str, out: str, dag_id: str = "tiktok_conversions") 
             index = getattr(context.get("ti"), "map_index", -1)
             label = self.task_id if index is None or index < 0 else f"{self.task_id}[{index}]"
             current[0] = label
+            profile_dir = os.environ.get("BENCH_PROFILE_SEND")
+            profiler = None
+            if profile_dir and self.task_id == "send":
+                import cProfile
+
+                profiler = cProfile.Profile()
+                profiler.enable()
             started = time.perf_counter()
             try:
                 return original(self, context)
             finally:
                 seconds[label] = time.perf_counter() - started
+                if profiler is not None:
+                    profiler.disable()
+                    profiler.dump_stats(str(Path(profile_dir) / f"{label}.prof"))
                 current[0] = None
 
         cls.execute = execute
@@ -536,6 +559,7 @@ def run_dag_child(partition: str, out: str, dag_id: str = "tiktok_conversions") 
         "state": str(dag_run.state),
         "seconds": elapsed,
         "task_seconds": seconds,
+        "task_gc_seconds": gc_seconds,
         "task_peak_rss": peaks,
         "process_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
@@ -613,6 +637,7 @@ def run_end_to_end(
         "wall_seconds": wall,
         "dag_seconds": run["seconds"],
         "task_seconds": run["task_seconds"],
+        "task_gc_seconds": run["task_gc_seconds"],
         "task_peak_rss": run["task_peak_rss"],
         "process_max_rss": run["process_max_rss"],
         "summary": {k: summary.get(k) for k in ("read", "valid", "rejected", "duplicates", "sessions", "batches",
@@ -625,6 +650,22 @@ def run_end_to_end(
 
 def _task_kind(label: str) -> str:
     return label.split("[", 1)[0]
+
+
+def send_stage_row(run: dict[str, Any], sender_rate: float) -> Row:
+    """The DAG's send tasks (start-up, reading, planning, ledger and requests: each task's whole
+    ``execute``) in requests per second of their summed wall time, against ``BatchSender`` alone
+    on ready-made bodies in the same run.
+
+    :param run: :func:`run_end_to_end`'s result.
+    :param sender_rate: the delivery row's ``BatchSender`` requests/s.
+    """
+    per = [v for k, v in run["task_seconds"].items() if _task_kind(k) == "send"]
+    rate = (run["summary"].get("requests") or 0) / max(sum(per), 1e-9)
+    return Row(
+        f"send stage vs BatchSender bare: {len(per)} send task(s), {run['events']:,} records",
+        rate, "req/s", sender_rate, rate / sender_rate, ">= 0.80x BatchSender bare", rate / sender_rate >= 0.8,
+    )
 
 
 def end_to_end_rows(big: dict[str, Any], small: dict[str, Any]) -> list[Row]:
@@ -742,6 +783,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throttle-only", action="store_true", help="only the throttling figures")
     parser.add_argument("--faults-events", type=int, default=100_000, help="records of the faults-mix partition")
     parser.add_argument("--run-dag-id", default="tiktok_conversions", help=argparse.SUPPRESS)
+    parser.add_argument("--send-only", action="store_true",
+                        help="only the delivery figures and the end-to-end send stage against them (no memory rows)")
+    parser.add_argument("--profile-send", type=Path, default=None,
+                        help="write a cProfile file per send task of the end-to-end run into this folder")
     args = parser.parse_args(argv)
     if args.run_dag:
         return run_dag_child(args.run_dag, args.run_dag_out, args.run_dag_id)
@@ -758,19 +803,36 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"bench: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, seed {SEED}; "
           f"end to end on {events:,} records; stand-in latency {args.latency_ms:g} ms", flush=True)
+    if args.profile_send:
+        args.profile_send.mkdir(parents=True, exist_ok=True)
+        os.environ["BENCH_PROFILE_SEND"] = str(args.profile_send.resolve())
     rows: list[Row] = []
     details: dict[str, Any] = {}
+    sender_rate = 0.0
     if not args.throttle_only:
         lines = _generated_lines(max(validation_records, requests * 5 // 3))
-        print("1/6 validation ...", flush=True)
-        rows += measure_validation(lines[:validation_records], baseline_records)
+        if not args.send_only:
+            print("1/6 validation ...", flush=True)
+            rows += measure_validation(lines[:validation_records], baseline_records)
 
         print("2/6 delivery ...", flush=True)
         from standin_fixture import running_standin
 
         with running_standin("--latency-ms", str(args.latency_ms), "--no-keep-in-memory", config_id=CONFIG_ID) as standin:
-            rows += measure_delivery(standin.url, lines, requests, sequential, args.concurrency)
+            delivery_rows = measure_delivery(standin.url, lines, requests, sequential, args.concurrency)
+        rows += delivery_rows
+        sender_rate = delivery_rows[0].value
         del lines
+
+    if args.send_only:
+        print(f"5/6 end to end, {events:,} records ...", flush=True)
+        big = run_end_to_end(args.workdir, airflow_home, events, args.latency_ms, args.concurrency)
+        rows.append(send_stage_row(big, sender_rate))
+        print()
+        print_table(rows)
+        if args.json:
+            args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows], "end_to_end": big}, indent=1))
+        return 0 if all(r.met is not False for r in rows) else 1
 
     rates = [float(r) for r in args.throttle_rates.split(",") if r][: 1 if args.quick else None]
     batches = args.throttle_batches or (1_000 if args.quick else 21_474)
@@ -793,6 +855,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"6/6 end to end, {small_events:,} records (memory growth) ...", flush=True)
         small = run_end_to_end(args.workdir, airflow_home, small_events, args.latency_ms, args.concurrency)
         rows += end_to_end_rows(big, small)
+        rows.append(send_stage_row(big, sender_rate))
         details.update({"end_to_end": big, "end_to_end_small": small})
         granularity_events = 2_000 if not args.quick else min(events, 500)
         print(f"6b/6 hourly vs daily partition, {granularity_events:,} records ...", flush=True)

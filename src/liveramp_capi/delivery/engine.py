@@ -27,6 +27,7 @@ import aiohttp
 from yarl import URL
 
 from liveramp_capi.delivery.adaptive import InFlightLimit, RateMeter, ThrottleRate
+from liveramp_capi.delivery.heap import long_lived_heap_frozen
 from liveramp_capi.delivery.ratelimit import RateLimiter
 from liveramp_capi.delivery.retry import RetryPolicy, parse_retry_after
 from liveramp_capi.delivery.settings import CapiSettings
@@ -264,6 +265,18 @@ class RequestEngine:
         :param remaining: tells progress lines how much is left, when the caller knows (a
             number of items, or a text such as ``"1,234 events"``).
         """
+        with long_lived_heap_frozen():
+            return await self._run(items, exchange, on_outcome, stats, label, remaining)
+
+    async def _run(
+        self,
+        items: Iterable[ItemT],
+        exchange: Exchange[ItemT, OutcomeT],
+        on_outcome: Callable[[ItemT, OutcomeT], None],
+        stats: StatsT,
+        label: str,
+        remaining: Callable[[], int | str | None] | None,
+    ) -> StatsT:
         settings = self.settings
         connector = aiohttp.TCPConnector(
             # Up to as many again for requests presumed lost (see _presume_lost).

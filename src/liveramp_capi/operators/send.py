@@ -13,8 +13,8 @@ from liveramp_capi import metrics
 from liveramp_capi.operators.config_errors import permanent_config_errors
 
 #: How many batches are marked in flight, and how many outcomes are written, per ledger call.
-#: Larger groups mean fewer round trips; a crash leaves at most this many batches "in flight"
-#: beyond the requests that really were on the wire.
+#: Larger groups mean fewer round trips; the next group is marked while this one is sent, so a
+#: crash leaves at most twice this many batches "in flight" beyond the requests really on the wire.
 _LEDGER_GROUP = 256
 #: Acknowledgements are also written when the oldest unwritten one is this old, so a SIGKILL
 #: loses (and a rerun re-sends) at most about this much of acknowledged work.
@@ -177,9 +177,12 @@ class SendConversionsOperator(BaseOperator):
         run_id: str,
     ) -> dict[str, Any]:
         import time
+        from collections import deque
+        from concurrent.futures import Future, ThreadPoolExecutor
 
         import orjson
 
+        from liveramp_capi.delivery.heap import collector_paused
         from liveramp_capi.domain.batches import Batch
         from liveramp_capi.domain.send_plan import plan_session
         from liveramp_capi.domain.sessions import read_shard, sessionise
@@ -210,14 +213,17 @@ class SendConversionsOperator(BaseOperator):
                 shard,
                 len(unknown_outcome),
             )
-        with storage.output(layout.shard(shard)).open("rb") as stream:
+        # The sessions live until the task ends: collections while reading them are wasted work
+        # (the engine keeps the collector off them while sending, see delivery/heap.py).
+        with collector_paused(), storage.output(layout.shard(shard)).open("rb") as stream:
             sessions = list(sessionise(read_shard(stream), gap_seconds=self.session_gap_seconds))
         # Envelope resolution: the freshest unexpired envelope per user key, the record's own or
         # the store's; one look-up for the shard (chunked), decided at send time.
         now = int(time.time())
-        stored = envelope_store.resolve(
-            {entry.user_key for session in sessions for entry in session.entries if entry.user_key}, now=now
-        )
+        with collector_paused():
+            stored = envelope_store.resolve(
+                {entry.user_key for session in sessions for entry in session.entries if entry.user_key}, now=now
+            )
         expired_lines: list[bytes] = []
         # Events held by an earlier run belong to the held table (recovery delivers them);
         # events held now are recorded there before any batch of their session is sent.
@@ -235,8 +241,27 @@ class SendConversionsOperator(BaseOperator):
         # Set by a 404: send-events does not know the configuration ID, so every batch would fail.
         abort: list[int] = []
 
+        # Ledger and held-table writes run on one writer thread, in submission order, so the
+        # event loop never waits on the database while requests are in flight. A batch is only
+        # handed to the loop once the write marking it in flight has committed.
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ledger-shard-{shard}")
+        ack_writes: deque[Future[None]] = deque()
+
+        def mark(group: list[Batch], holds: list[Any]) -> None:
+            # A run that lost its claim to another run must not put one more batch on the wire.
+            claim.ensure_held()
+            if holds:
+                held.hold(partition, holds, now=now)
+            ledger.mark_in_flight(partition, group, run_id)
+
+        def submit_mark(group: list[Batch]) -> tuple[Future[None], list[Batch]]:
+            holds = list(pending_holds)
+            pending_holds.clear()
+            return writer.submit(mark, group, holds), group
+
         def batches() -> Iterator[Batch]:
             group: list[Batch] = []
+            marking: tuple[Future[None], list[Batch]] | None = None
             for session in sessions:
                 counts["events"] += len(session.entries)
                 plan = plan_session(session, stored, now, partition=partition, max_events=max_events,
@@ -251,22 +276,25 @@ class SendConversionsOperator(BaseOperator):
                         continue
                     group.append(batch)
                     if len(group) >= _LEDGER_GROUP:
-                        yield from _in_flight(group)
-                        group = []
+                        # The next group is marked while this one goes out.
+                        submitted = submit_mark(group)
+                        if marking is not None:
+                            yield from _in_flight(*marking)
+                        marking, group = submitted, []
             if group:
-                yield from _in_flight(group)
-            flush_holds()
-
-        def flush_holds() -> None:
+                submitted = submit_mark(group)
+                if marking is not None:
+                    yield from _in_flight(*marking)
+                marking = submitted
+            if marking is not None:
+                yield from _in_flight(*marking)
             if pending_holds:
-                held.hold(partition, pending_holds, now=now)
+                holds = list(pending_holds)
                 pending_holds.clear()
+                writer.submit(held.hold, partition, holds, now=now).result()
 
-        def _in_flight(group: list[Batch]) -> Iterator[Batch]:
-            # A run that lost its claim to another run must not put one more batch on the wire.
-            claim.ensure_held()
-            flush_holds()
-            ledger.mark_in_flight(partition, group, run_id)
+        def _in_flight(marked: Future[None], group: list[Batch]) -> Iterator[Batch]:
+            marked.result()  # committed (or its error raised here) before any batch of it is sent
             for batch in group:
                 if abort:
                     # Marked but never sent: recorded as failed (not unknown), so the rerun sends it
@@ -283,9 +311,11 @@ class SendConversionsOperator(BaseOperator):
                 counts["delivered_events"] += batch.event_count
                 # Flushed by count or by age: a killed task re-sends only what it could not record.
                 if len(pending_acks) >= _LEDGER_GROUP or time.monotonic() >= ack_flush_at[0]:
-                    ledger.record_acknowledged(partition, pending_acks, run_id)
+                    ack_writes.append(writer.submit(ledger.record_acknowledged, partition, list(pending_acks), run_id))
                     pending_acks.clear()
                     ack_flush_at[0] = time.monotonic() + _ACK_FLUSH_SECONDS
+                    while ack_writes and ack_writes[0].done():
+                        ack_writes.popleft().result()  # a failed write stops the run
                 return
             counts["failed_batches"] += 1
             counts["permanently_failed_batches"] += int(bool(outcome.permanent))
@@ -314,10 +344,16 @@ class SendConversionsOperator(BaseOperator):
         # Every event ends in exactly one of these; what is left is still to be decided.
         resolved = ("delivered_events", "delivered_earlier_tries_events", "previously_delivered_events",
                     "failed_events", "envelope_expired_events", "not_sent_events")
-        stats = capi.send_batches(  # a progress line every progress_interval_seconds (connection extra)
-            batches(), on_outcome, label=f"shard {shard}",
-            remaining=lambda: f"{shard_events - sum(counts[key] for key in resolved):,} events",
-        )
+        try:
+            stats = capi.send_batches(  # a progress line every progress_interval_seconds (connection extra)
+                batches(), on_outcome, label=f"shard {shard}",
+                remaining=lambda: f"{shard_events - sum(counts[key] for key in resolved):,} events",
+            )
+        finally:
+            # Acknowledgements already queued are written even when the run failed.
+            writer.shutdown(wait=True)
+        while ack_writes:
+            ack_writes.popleft().result()
         if pending_acks:
             ledger.record_acknowledged(partition, pending_acks, run_id)
         if failures or not_sent:
