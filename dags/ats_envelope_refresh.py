@@ -25,10 +25,10 @@ day refreshes only what is still due. Only counts are logged.
 from __future__ import annotations
 
 import datetime as dt
-import os
 
 from airflow.sdk import DAG
 
+from liveramp_capi.dags_factory import OUTPUT_ROOT, variable
 from liveramp_capi.notifiers import default_failure_notifier
 from liveramp_capi.operators.recover import RecoverHeldConversionsOperator
 from liveramp_capi.operators.refresh import (
@@ -37,8 +37,6 @@ from liveramp_capi.operators.refresh import (
     ReportEnvelopeRefreshOperator,
 )
 
-_AIRFLOW_HOME = os.environ.get("AIRFLOW_HOME", os.path.expanduser("~/airflow"))
-OUTPUT_ROOT = "{{ var.value.get('capi_output_root', '" + f"file://{_AIRFLOW_HOME}/capi/output" + "') }}"
 RUN_DATE = "{{ ds }}"
 
 with DAG(
@@ -65,8 +63,8 @@ with DAG(
         task_id="plan",
         run_date=RUN_DATE,
         output_root=OUTPUT_ROOT,
-        remaining_share="{{ var.value.get('capi_envelope_refresh_remaining_share', '0.33') }}",
-        slices="{{ var.value.get('capi_envelope_refresh_slices', '0') }}",
+        remaining_share=variable("capi_envelope_refresh_remaining_share", "0.33"),
+        slices=variable("capi_envelope_refresh_slices", "0"),
     )
     refresh = RefreshEnvelopesOperator.partial(
         task_id="refresh",
@@ -78,7 +76,7 @@ with DAG(
         task_id="recover_held",
         output_root=OUTPUT_ROOT,
         result_folder="envelope_refresh/" + RUN_DATE,
-        max_event_age_days="{{ var.value.get('capi_max_event_age_days', '28') }}",
+        max_event_age_days=variable("capi_max_event_age_days", "28"),
         # Refreshed or not, envelopes that arrived with the latest partitions can win events back.
         trigger_rule="all_done",
     )
@@ -86,7 +84,7 @@ with DAG(
         task_id="report",
         run_date=RUN_DATE,
         output_root=OUTPUT_ROOT,
-        max_failure_ratio="{{ var.value.get('capi_envelope_refresh_max_failure_ratio', '0.1') }}",
+        max_failure_ratio=variable("capi_envelope_refresh_max_failure_ratio", "0.1"),
     )
 
     plan >> refresh >> recover_held >> report

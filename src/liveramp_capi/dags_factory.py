@@ -74,8 +74,18 @@ GRANULARITIES: dict[str, Granularity] = {
 }
 
 _AIRFLOW_HOME = os.environ.get("AIRFLOW_HOME", os.path.expanduser("~/airflow"))
-LANDING_ROOT = "{{ var.value.get('capi_landing_root', '" + f"file://{_AIRFLOW_HOME}/capi/landing" + "') }}"
-OUTPUT_ROOT = "{{ var.value.get('capi_output_root', '" + f"file://{_AIRFLOW_HOME}/capi/output" + "') }}"
+
+
+def variable(name: str, default: str) -> str:
+    """A templated setting: the Airflow Variable ``name``, or ``default`` when it is not set.
+
+    Rendered when a task runs, never at DAG-parse time (no metadata DB access while parsing).
+    """
+    return "{{ var.value.get('" + name + "', '" + default + "') }}"
+
+
+LANDING_ROOT = variable("capi_landing_root", f"file://{_AIRFLOW_HOME}/capi/landing")
+OUTPUT_ROOT = variable("capi_output_root", f"file://{_AIRFLOW_HOME}/capi/output")
 DRY_RUN = "{{ params.dry_run }}"
 
 
@@ -133,8 +143,8 @@ def build_conversions_dag(dag_id: str, granularity: str, doc_md: str) -> DAG:
             task_id="wait_for_partition",
             partition=partition,
             landing_root=LANDING_ROOT,
-            max_wait_minutes="{{ var.value.get('" + wait_variable + "', '" + wait_default + "') }}",
-            poll_seconds="{{ var.value.get('capi_partition_poll_seconds', '60') }}",
+            max_wait_minutes=variable(wait_variable, wait_default),
+            poll_seconds=variable("capi_partition_poll_seconds", "60"),
             # Waiting is not failing: the sensor's own timeout is the limit, not retries.
             retries=1,
         )
@@ -145,8 +155,8 @@ def build_conversions_dag(dag_id: str, granularity: str, doc_md: str) -> DAG:
             partition=partition,
             landing_root=LANDING_ROOT,
             output_root=OUTPUT_ROOT,
-            wait_minutes="{{ var.value.get('capi_partition_claim_wait_minutes', '60') }}",
-            poll_seconds="{{ var.value.get('capi_partition_claim_poll_seconds', '15') }}",
+            wait_minutes=variable("capi_partition_claim_wait_minutes", "60"),
+            poll_seconds=variable("capi_partition_claim_poll_seconds", "15"),
             dry_run=DRY_RUN,
         )
         extract = ExtractPartitionOperator(
@@ -157,11 +167,11 @@ def build_conversions_dag(dag_id: str, granularity: str, doc_md: str) -> DAG:
             partition=partition,
             landing_root=LANDING_ROOT,
             output_root=OUTPUT_ROOT,
-            max_invalid_ratio="{{ var.value.get('capi_max_invalid_ratio', '0.05') }}",
-            max_event_age_days="{{ var.value.get('capi_max_event_age_days', '28') }}",
-            allow_custom_events="{{ var.value.get('capi_allow_custom_events', 'false') }}",
+            max_invalid_ratio=variable("capi_max_invalid_ratio", "0.05"),
+            max_event_age_days=variable("capi_max_event_age_days", "28"),
+            allow_custom_events=variable("capi_allow_custom_events", "false"),
             # Smaller shards spread one partition over more workers (and bound each task's memory).
-            events_per_shard="{{ var.value.get('capi_events_per_shard', '100000') }}",
+            events_per_shard=variable("capi_events_per_shard", "100000"),
             dry_run=DRY_RUN,
         )
         send = SendConversionsOperator.partial(
@@ -177,7 +187,7 @@ def build_conversions_dag(dag_id: str, granularity: str, doc_md: str) -> DAG:
             output_root=OUTPUT_ROOT,
             result_folder="dt=" + partition,
             partition=partition,
-            max_event_age_days="{{ var.value.get('capi_max_event_age_days', '28') }}",
+            max_event_age_days=variable("capi_max_event_age_days", "28"),
             dry_run=DRY_RUN,
             # After send: this partition's own events go out first, and held ones of earlier
             # partitions whose user came back with a fresh envelope right after.
