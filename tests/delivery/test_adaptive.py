@@ -72,21 +72,43 @@ def test_random_429s_settle_the_rate_instead_of_collapsing_it() -> None:
     assert lowest >= 0.95 * ThrottleRate.KEEP * 900 and control.decreases > 5
 
 
-def test_the_rate_climbs_back_along_a_cubic_and_probes_beyond() -> None:
+def test_the_rate_climbs_back_by_equal_steps_that_grow_without_429s() -> None:
     control = ThrottleRate(0, started=0.0)
     now = _warm(control, 500)
     while control.on_throttled(now, sent_at=now) is None:
         pass
     low = control.rate
     rates = []
-    for _ in range(600):  # 6 s of answers at the paced rate
+    for _ in range(1000):  # 10 s of answers at the paced rate
         now += 0.01
         for _ in range(int(control.rate / 100) + 1):
             control.on_sent(now)
         rates.append(control.on_admitted(now, now))
-    assert low < rates[50] < rates[150]  # concave growth back...
-    assert max(rates[90:130]) == pytest.approx(500, rel=0.1)  # ...flat around the old limit...
-    assert rates[-1] > 560  # ...then probing beyond it
+    first_second, tenth_second = rates[99] - low, rates[-1] - rates[-101]
+    assert 0 < first_second < tenth_second  # slow near the old limit, faster when none shows
+    assert rates[-1] > 2 * low  # a limit that was raised is found again
+
+
+def test_a_decrease_follows_the_share_of_429s() -> None:
+    decreased = []
+    for refused_every in (40, 4):  # 2.5% and 25% of answers refused
+        control = ThrottleRate(0, started=0.0)
+        now = _warm(control, 1000)
+        while control.on_throttled(now, sent_at=now) is None:
+            pass
+        before, rate, step = control.rate, None, 0
+        while rate is None:
+            now += 0.001
+            step += 1
+            control.on_sent(now)
+            if step % refused_every == 0:
+                before = control.rate
+                rate = control.on_throttled(now, sent_at=now)
+            else:
+                control.on_admitted(now, now)
+        decreased.append(rate / before)
+    mild, steep = decreased
+    assert steep < mild <= ThrottleRate.BETA + 0.01
 
 
 def test_the_ceiling_and_the_floor_hold() -> None:

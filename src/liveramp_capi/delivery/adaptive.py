@@ -2,14 +2,13 @@
 limit that follows latency, each below an optional hard ceiling of the connection.
 
 * :class:`ThrottleRate` is the client-side token bucket of the AWS SDKs' adaptive retry mode:
-  off until the first 429, then CUBIC (RFC 9438): on a congestion event (more than 2% of the
-  last half second's answers were 429) the rate drops to ``BETA`` times the rate that caused
-  it, then grows back along a cubic curve that is flat around that rate and probes beyond it.
-  One congestion event lowers the rate once: 429s of requests sent before the last decrease are
-  echoes of the old rate, and no second decrease comes within ``HOLD_OFF``. Both the hold-off
-  and CUBIC's constant are absolute (seconds; requests/s per s³), the same for every shard, so
-  several shards against one server limit converge to equal shares without talking to each
-  other.
+  off until the first 429, then AIMD: on a congestion event (more than 2% of the last half
+  second's answers were 429) the rate drops by that share plus a margin (at least a tenth), then
+  climbs back by absolute steps that grow the longer no 429 comes. One congestion event lowers
+  the rate once: 429s of requests sent before the last decrease are echoes of the old rate, and
+  no second decrease comes within ``HOLD_OFF``. The steps up and the hold-off are absolute
+  (requests/s per second; seconds), the same for every shard, so several shards against one
+  server limit converge to equal shares without talking to each other.
 * :class:`InFlightLimit` is a gradient limit in the spirit of Netflix's concurrency-limits: it
   doubles while the answers' median latency stays near its long-run level (slow start), grows by
   ``sqrt(limit)`` per window afterwards, and shrinks by a fifth when latency doubles or most
@@ -71,23 +70,32 @@ class RateMeter:
 
 
 class ThrottleRate:
-    """CUBIC-style request rate driven by the share of 429 answers.
+    """AIMD request rate driven by the share of 429 answers.
 
-    Every shard sees the same momentary share of 429s from a shared limit, so all of them back
-    off together. An endpoint that refuses a fixed share at random, whatever the rate, cannot
-    drive the rate below ``KEEP`` times the best rate it admitted in the last ``MEMORY`` seconds.
+    Every shard against one limit sees the same share of 429s, so all of them decrease
+    together, each by the same factor; between decreases each climbs by the same absolute
+    steps. Equal steps up and proportional steps down is what makes shards converge to equal
+    shares without a coordinator (Chiu and Jain): each cycle shrinks the gap between a large and
+    a small shard by the decrease factor, while the climb adds the same to both. An endpoint that
+    refuses a fixed share at random, whatever the rate, cannot drive the rate below ``KEEP``
+    times the best rate it admitted in the last ``MEMORY`` seconds.
 
     :param ceiling: the connection's hard ceiling in requests/s (0 = none).
     :param started: clock time of the run's start.
     """
 
-    #: Multiplicative decrease on a congestion event. RFC 9438 and the AWS SDKs use 0.7; with a
-    #: one-second hold-off 0.8 keeps more of the limit (measured: 0.97 vs 0.80 of R=2,000 for two
-    #: shards) and still converges to equal shares.
-    BETA = 0.8
-    #: CUBIC's constant in requests/s per s³: recovering a drop of 80 requests/s (from 400)
-    #: takes about 0.9 s, of 400 (from 2,000) about 1.6 s. Absolute, hence fair between shards.
-    SCALE = 100.0
+    #: The largest factor of a decrease (the smallest step down). The step is the share of 429s
+    #: seen (what the shards together sent beyond the limit) plus ``LANDING``, so one decrease
+    #: lands all shards together just below the limit instead of far below it.
+    BETA = 0.9
+    LANDING = 0.05
+    #: The smallest factor of one decrease, however many 429s came back.
+    DEEPEST = 0.5
+    #: The additive increase in requests/s per second, the same for every shard (hence fair),
+    #: growing the longer no 429 comes (``RAMP``), so a limit that was raised is found again
+    #: (200 requests/s higher after about 4.6 s, 700 after 10 s).
+    STEP = 20.0
+    RAMP = 4.0
     #: The rate never drops below this, so a fully refused endpoint is still probed.
     FLOOR = 1.0
     #: The window over which the share of 429s is read.
@@ -113,8 +121,7 @@ class ThrottleRate:
         self.rate = 0.0
         self.decreases = 0
         self.last_event = 0.0  # the share of 429s that caused the last decrease
-        self._w_max = 0.0
-        self._k = 0.0
+        self._base = 0.0  # the rate set by the last decrease
         self._epoch = started
         self._sent = RateMeter(1.0, started)
         self._admitted = RateMeter(1.0, started)
@@ -138,7 +145,8 @@ class ThrottleRate:
             self._answers.add(now)
         if not self.enabled:
             return None
-        rate = self._cubic(now)
+        elapsed = max(0.0, now - self._epoch)
+        rate = self._base + self.STEP * elapsed * (1 + elapsed / self.RAMP)
         if self.ceiling:
             rate = min(rate, self.ceiling)
         self.rate = max(rate, self.FLOOR)
@@ -169,17 +177,17 @@ class ThrottleRate:
         if self.enabled:
             # The paced rate, or what was really sent when less (workers waiting out Retry-After).
             current = min(self.rate, max(self._sent.rate(now), self.FLOOR))
+            factor = min(self.BETA, max(self.DEEPEST, 1 - share - self.LANDING))
         else:
             # First throttle: what the endpoint admitted is the best guess of its limit.
             current = max(self._admitted.rate(now), self.FLOOR)
-        self._w_max = current
-        self._k = (current * (1 - self.BETA) / self.SCALE) ** (1 / 3)
+            factor = self.BETA
         self._epoch = now
         self.enabled = True
         self.decreases += 1
         self.last_event = share
-        rate = max(current * self.BETA, self.KEEP * self._peak(now), self.FLOOR)
-        self.rate = min(rate, self.ceiling) if self.ceiling else rate
+        rate = max(current * factor, self.KEEP * self._peak(now), self.FLOOR)
+        self.rate = self._base = min(rate, self.ceiling) if self.ceiling else rate
         return self.rate
 
     def _note_peak(self, now: float, rate: float) -> None:
@@ -194,10 +202,6 @@ class ThrottleRate:
         while peaks and peaks[0][0] < now - self.MEMORY:
             peaks.popleft()
         return peaks[0][1] if peaks else 0.0
-
-    def _cubic(self, now: float) -> float:
-        t = now - self._epoch - self._k
-        return self.SCALE * t * t * t + self._w_max
 
 
 class InFlightLimit:

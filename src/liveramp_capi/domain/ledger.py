@@ -8,8 +8,9 @@ is recorded: a row left ``in_flight`` by a dead run means "outcome unknown".
 An ``acknowledged`` row is never downgraded: two runs racing on one partition (an overlapping
 retry, a zombie worker) may both send a batch, but once either saw it accepted it stays so.
 
-Plain SQLAlchemy Core on SQLite or PostgreSQL; upserts are ``INSERT ... ON CONFLICT DO UPDATE``
-sent executemany-style, one transaction per call.
+SQLAlchemy Core on SQLite or PostgreSQL for reads and the schema; the writes are one
+``INSERT ... ON CONFLICT DO UPDATE`` in SQL both databases read, sent as one executemany of
+plain tuples through the driver, one transaction per call.
 """
 
 from __future__ import annotations
@@ -87,6 +88,53 @@ _TOKEN_RE = re.compile(r"[A-Za-z0-9_\-+/=]{32,}")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
 
 _T = TypeVar("_T")
+
+
+_TABLE = ledger_table.name
+_COLUMNS: tuple[str, ...] = (
+    "partition",
+    "batch_id",
+    "session_key_hash",
+    "event_count",
+    "event_ids",
+    "state",
+    "attempts",
+    "http_status",
+    "error",
+    "run_id",
+    "first_sent_at",
+    "updated_at",
+    "acknowledged_at",
+)
+assert set(_COLUMNS) == set(ledger_table.c.keys())
+
+
+def _quoted(column: str) -> str:
+    return f'"{column}"'
+
+
+def _keep_if_acknowledged(column: str) -> str:
+    return f"CASE WHEN {_TABLE}.state = '{ACKNOWLEDGED}' THEN {_TABLE}.{_quoted(column)} ELSE excluded.{_quoted(column)} END"
+
+
+# The ON CONFLICT updates of the three writes. In flight never downgrades ``acknowledged``;
+# acknowledged adds this run's attempts; failed keeps an acknowledged row's verdict, but the
+# requests a late failure made still count in ``attempts`` (so not a WHERE guard).
+_SET_IN_FLIGHT = (
+    "state = excluded.state, run_id = excluded.run_id, updated_at = excluded.updated_at, "
+    f"first_sent_at = COALESCE({_TABLE}.first_sent_at, excluded.first_sent_at) "
+    f"WHERE {_TABLE}.state <> '{ACKNOWLEDGED}'"
+)
+_SET_ACKNOWLEDGED = (
+    f"state = excluded.state, attempts = {_TABLE}.attempts + excluded.attempts, http_status = NULL, "
+    "error = NULL, run_id = excluded.run_id, updated_at = excluded.updated_at, "
+    f"acknowledged_at = COALESCE({_TABLE}.acknowledged_at, excluded.acknowledged_at)"
+)
+_SET_FAILED = (
+    f"state = {_keep_if_acknowledged('state')}, attempts = {_TABLE}.attempts + excluded.attempts, "
+    f"http_status = {_keep_if_acknowledged('http_status')}, error = {_keep_if_acknowledged('error')}, "
+    f"run_id = {_keep_if_acknowledged('run_id')}, updated_at = excluded.updated_at"
+)
 
 
 class LedgerSchemaError(RuntimeError):
@@ -216,7 +264,7 @@ class DeliveryLedger:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
-        self._insert = upsert_insert(engine)
+        upsert_insert(engine)  # refuses any dialect but SQLite and PostgreSQL
 
     # -- schema ---------------------------------------------------------------------------
 
@@ -336,40 +384,59 @@ class DeliveryLedger:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def _row(
-        self, partition: str, batch: Batch, state: str, now: dt.datetime, **values: Any
-    ) -> dict[str, Any]:
-        row = {
-            "partition": partition,
-            "batch_id": batch.batch_id,
-            "session_key_hash": batch.session_key_hash,
-            "event_count": batch.event_count,
-            "event_ids": orjson.dumps(batch.event_ids).decode(),
-            "state": state,
-            "attempts": 0,
-            "http_status": None,
-            "error": None,
-            "first_sent_at": now,
-            "updated_at": now,
-            "acknowledged_at": None,
-        }
-        row.update(values)
-        return row
+    def _rows(
+        self,
+        partition: str,
+        state: str,
+        now: dt.datetime,
+        run_id: str | None,
+        items: Iterable[tuple[Batch, int, int | None, str | None]],
+        acknowledged: bool = False,
+    ) -> list[tuple[Any, ...]]:
+        # Plain tuples in _COLUMNS order; the timestamp goes through the column type once per
+        # call (SQLite keeps it as text), not once per row as SQLAlchemy's executemany does.
+        process = ledger_table.c.updated_at.type.bind_processor(self.engine.dialect)
+        stamp = process(now) if process is not None else now
+        acknowledged_at = stamp if acknowledged else None
+        dumps = orjson.dumps
+        return [
+            (
+                partition,
+                batch.batch_id,
+                batch.session_key_hash,
+                batch.event_count,
+                dumps(batch.event_ids).decode(),
+                state,
+                attempts,
+                http_status,
+                error,
+                run_id,
+                stamp,
+                stamp,
+                acknowledged_at,
+            )
+            for batch, attempts, http_status, error in items
+        ]
 
-    def _upsert(self, rows: list[dict[str, Any]], set_: Callable[[Any], dict[str, Any]], guard: bool) -> None:
+    def _upsert(self, rows: list[tuple[Any, ...]], on_conflict: str) -> None:
+        """Send ``rows`` as one executemany through the driver, in one transaction.
+
+        The ledger's hot path (a send task marks and acknowledges every batch): SQLAlchemy's
+        per-row parameter handling cost more than the database's work, so the statement is
+        plain SQL that SQLite and PostgreSQL both read, and each row a tuple.
+        """
         if not rows:
             return
-        table = ledger_table
-        statement = self._insert(table)
-        statement = statement.on_conflict_do_update(
-            index_elements=[table.c.partition, table.c.batch_id],
-            set_=set_(statement.excluded),
-            where=(table.c.state != ACKNOWLEDGED) if guard else None,
+        mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+        statement = (
+            f"INSERT INTO {_TABLE} ({', '.join(_quoted(c) for c in _COLUMNS)}) "
+            f"VALUES ({', '.join([mark] * len(_COLUMNS))}) "
+            f"ON CONFLICT ({_quoted('partition')}, {_quoted('batch_id')}) DO UPDATE SET {on_conflict}"
         )
         for attempt in range(3):
             try:
                 with self.engine.begin() as connection:
-                    connection.execute(statement, rows)
+                    connection.exec_driver_sql(statement, rows)
                 return
             except DBAPIError as exc:
                 code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
@@ -384,22 +451,8 @@ class DeliveryLedger:
         :param batches: the batches about to be sent.
         :param run_id: the Airflow run / try doing it, for the audit trail.
         """
-        now = _now()
-        rows = [
-            self._row(partition, batch, IN_FLIGHT, now, run_id=run_id)
-            for batch in _unique_sorted(batches, lambda b: b)
-        ]
-        table = ledger_table
-        self._upsert(
-            rows,
-            lambda excluded: {
-                "state": excluded.state,
-                "run_id": excluded.run_id,
-                "updated_at": excluded.updated_at,
-                "first_sent_at": sa.func.coalesce(table.c.first_sent_at, excluded.first_sent_at),
-            },
-            guard=True,
-        )
+        items = ((batch, 0, None, None) for batch in _unique_sorted(batches, lambda b: b))
+        self._upsert(self._rows(partition, IN_FLIGHT, _now(), run_id, items), _SET_IN_FLIGHT)
 
     def record_acknowledged(
         self, partition: str, batches_with_attempts: Sequence[tuple[Batch, int]], run_id: str | None
@@ -410,27 +463,12 @@ class DeliveryLedger:
         :param batches_with_attempts: ``(batch, requests made for it in this run)`` pairs.
         :param run_id: the Airflow run / try that got the acknowledgement.
         """
-        now = _now()
-        rows = [
-            self._row(
-                partition, batch, ACKNOWLEDGED, now, attempts=attempts, run_id=run_id, acknowledged_at=now
-            )
+        items = (
+            (batch, attempts, None, None)
             for batch, attempts in _unique_sorted(batches_with_attempts, lambda item: item[0])
-        ]
-        table = ledger_table
-        self._upsert(
-            rows,
-            lambda excluded: {
-                "state": excluded.state,
-                "attempts": table.c.attempts + excluded.attempts,
-                "http_status": None,
-                "error": None,
-                "run_id": excluded.run_id,
-                "updated_at": excluded.updated_at,
-                "acknowledged_at": sa.func.coalesce(table.c.acknowledged_at, excluded.acknowledged_at),
-            },
-            guard=False,
         )
+        rows = self._rows(partition, ACKNOWLEDGED, _now(), run_id, items, acknowledged=True)
+        self._upsert(rows, _SET_ACKNOWLEDGED)
 
     def record_failed(
         self,
@@ -445,36 +483,8 @@ class DeliveryLedger:
             passed through :func:`sanitize_error`.
         :param run_id: the Airflow run / try that gave up on them.
         """
-        now = _now()
-        rows = [
-            self._row(
-                partition,
-                batch,
-                FAILED,
-                now,
-                attempts=attempts,
-                http_status=http_status,
-                error=sanitize_error(error),
-                run_id=run_id,
-            )
+        items = (
+            (batch, attempts, http_status, sanitize_error(error))
             for batch, attempts, http_status, error in _unique_sorted(failures, lambda item: item[0])
-        ]
-        table = ledger_table
-        acknowledged = table.c.state == ACKNOWLEDGED
-
-        def keep_if_acknowledged(column: sa.Column[Any], new: Any) -> sa.ColumnElement[Any]:
-            return sa.case((acknowledged, column), else_=new)
-
-        # Not a WHERE guard: the requests a late failure made still count in ``attempts``.
-        self._upsert(
-            rows,
-            lambda excluded: {
-                "state": keep_if_acknowledged(table.c.state, excluded.state),
-                "attempts": table.c.attempts + excluded.attempts,
-                "http_status": keep_if_acknowledged(table.c.http_status, excluded.http_status),
-                "error": keep_if_acknowledged(table.c.error, excluded.error),
-                "run_id": keep_if_acknowledged(table.c.run_id, excluded.run_id),
-                "updated_at": excluded.updated_at,
-            },
-            guard=False,
         )
+        self._upsert(self._rows(partition, FAILED, _now(), run_id, items), _SET_FAILED)
