@@ -9,8 +9,9 @@ import socket
 import orjson
 import pytest
 
-from liveramp_capi.delivery.sender import DeliveryOutcome, RawBatch
+from liveramp_capi.delivery.sender import DeliveryOutcome
 from liveramp_capi.delivery.settings import TUNING_KEYS, CapiConfigError
+from liveramp_capi.domain.batches import Batch
 from liveramp_capi.hooks.capi import CapiRequestError, LiveRampCapiHook
 
 ENV = "AIRFLOW_CONN_LIVERAMP_CAPI_DEFAULT"
@@ -169,7 +170,7 @@ def test_send_batches_through_the_hook(monkeypatch, standin) -> None:
         extra={"concurrency": 4, "X-Team": "growth"},
     )
     outcomes: list[DeliveryOutcome] = []
-    batches = [RawBatch(f"b{i}", 1, body(f"e{i}")) for i in range(10)]
+    batches = [Batch(f"b{i}", 0, (f"e{i}",), body(f"e{i}")) for i in range(10)]
     stats = LiveRampCapiHook().send_batches(iter(batches), lambda batch, outcome: outcomes.append(outcome))
     assert stats.batches_acknowledged == 10 and all(o.acknowledged for o in outcomes)
     assert sorted(standin.received_event_ids()) == sorted(f"e{i}" for i in range(10))
@@ -224,7 +225,7 @@ def test_failures_never_reveal_the_configuration_id(monkeypatch, caplog, capfd) 
     assert info.value.__cause__ is None and info.value.__suppress_context__
 
     outcomes: list[DeliveryOutcome] = []
-    stats = hook.send_batches([RawBatch("b0", 1, body("x"))], lambda batch, outcome: outcomes.append(outcome))
+    stats = hook.send_batches([Batch("b0", 0, ("x",), body("x"))], lambda batch, outcome: outcomes.append(outcome))
     assert stats.batches_failed == 1
     # The endpoint is named by host:port (where to look), never by its path (the secret).
     assert outcomes[0].error == f"retries exhausted: connection error (ClientConnectorError) with 127.0.0.1:{port}"

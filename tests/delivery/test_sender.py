@@ -13,13 +13,14 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from liveramp_capi.delivery.sender import BatchSender, DeliveryOutcome, RawBatch
+from liveramp_capi.delivery.sender import BatchSender, DeliveryOutcome
 from liveramp_capi.delivery.settings import CapiConfigError, CapiSettings
+from liveramp_capi.domain.batches import Batch
 
 FAST_RETRY = {"backoff_base_seconds": 0.01, "backoff_max_seconds": 0.05}
 
 
-def make_batches(count: int, events_per_batch: int = 2, prefix: str = "b") -> Iterator[RawBatch]:
+def make_batches(count: int, events_per_batch: int = 2, prefix: str = "b") -> Iterator[Batch]:
     for i in range(count):
         events = [
             {
@@ -31,7 +32,7 @@ def make_batches(count: int, events_per_batch: int = 2, prefix: str = "b") -> It
             }
             for k in range(events_per_batch)
         ]
-        yield RawBatch(f"{prefix}{i}", len(events), orjson.dumps({"events": events}))
+        yield Batch(f"{prefix}{i}", 0, tuple(str(e["event_id"]) for e in events), orjson.dumps({"events": events}))
 
 
 class Collector:
@@ -39,7 +40,7 @@ class Collector:
         self.outcomes: dict[str, DeliveryOutcome] = {}
         self.calls = collections.Counter[str]()
 
-    def __call__(self, batch: RawBatch, outcome: DeliveryOutcome) -> None:
+    def __call__(self, batch: Batch, outcome: DeliveryOutcome) -> None:
         assert batch.batch_id == outcome.batch_id
         self.calls[batch.batch_id] += 1
         self.outcomes[batch.batch_id] = outcome
@@ -247,13 +248,13 @@ def test_iterable_is_consumed_lazily(standin) -> None:
     reported = 0
     max_outstanding = 0
 
-    def source() -> Iterator[RawBatch]:
+    def source() -> Iterator[Batch]:
         nonlocal pulled
         for batch in make_batches(200):
             pulled += 1
             yield batch
 
-    def on_outcome(batch: RawBatch, outcome: DeliveryOutcome) -> None:
+    def on_outcome(batch: Batch, outcome: DeliveryOutcome) -> None:
         nonlocal reported, max_outstanding
         reported += 1
         max_outstanding = max(max_outstanding, pulled - reported + 1)
@@ -265,7 +266,7 @@ def test_iterable_is_consumed_lazily(standin) -> None:
 
 
 def test_producer_error_stops_pulling_and_is_reraised(standin) -> None:
-    def source() -> Iterator[RawBatch]:
+    def source() -> Iterator[Batch]:
         yield from make_batches(20)
         raise RuntimeError("source broke")
 
@@ -274,13 +275,12 @@ def test_producer_error_stops_pulling_and_is_reraised(standin) -> None:
     with pytest.raises(RuntimeError, match="source broke"):
         sender.deliver_sync(source(), collector)
     assert len(collector.calls) == 20 and set(collector.calls.values()) == {1}
-    assert sender.last_stats is not None and sender.last_stats.batches_acknowledged == 20
 
 
 def test_callback_error_is_reraised_after_in_flight_batches(standin) -> None:
     seen: list[str] = []
 
-    def on_outcome(batch: RawBatch, outcome: DeliveryOutcome) -> None:
+    def on_outcome(batch: Batch, outcome: DeliveryOutcome) -> None:
         seen.append(batch.batch_id)
         if len(seen) == 3:
             raise ValueError("sink full")

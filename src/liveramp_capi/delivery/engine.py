@@ -19,17 +19,17 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import aiohttp
 from yarl import URL
 
-from liveramp_capi.delivery.adaptive import InFlightLimit, RateMeter, ThrottleRate
+from liveramp_capi.delivery.exchange import Exchange, Failure, Request, RequestStats
 from liveramp_capi.delivery.heap import long_lived_heap_frozen
-from liveramp_capi.delivery.ratelimit import RateLimiter
+from liveramp_capi.delivery.progress import report_progress
 from liveramp_capi.delivery.retry import RetryPolicy, parse_retry_after
+from liveramp_capi.delivery.run import EngineRun
 from liveramp_capi.delivery.settings import CapiSettings
 
 __all__ = ["Exchange", "Failure", "Request", "RequestEngine", "RequestStats"]
@@ -44,168 +44,6 @@ SleepFunc = Callable[[float], Awaitable[Any]]
 _TLS_ERRORS = (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError)
 #: Workers per in-flight slot (see RequestEngine.__init__).
 _WORKERS_PER_SLOT = 4
-#: Share of refused answers (429, 5xx, no answer) in the last second above which a 429 holds
-#: every request, not only its own: the endpoint is refusing most of what it gets.
-_HOLD_ALL_SHARE = 0.5
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One HTTP request of an item (the same for every attempt).
-
-    :param method: ``"POST"`` or ``"GET"``.
-    :param url: the full URL (may hold secrets: never logged).
-    :param data: the body, if any.
-    :param headers: headers added to the session's.
-    """
-
-    method: str
-    url: URL
-    data: bytes | None = None
-    headers: Mapping[str, str] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    """Why an item failed, as the engine classified it.
-
-    :param status: the last HTTP status received, ``None`` if no answer arrived.
-    :param attempts: requests made for the item.
-    :param error: a sanitized reason (``"HTTP 400"``, ``"retries exhausted: timeout after 10 s"``).
-    :param excerpt: start of the last error answer's body (the server's text: keep out of logs).
-    :param permanent: refused for good (4xx other than 408/429, TLS); ``False`` when the retry
-        budget ran out.
-    """
-
-    status: int | None
-    attempts: int
-    error: str
-    excerpt: bytes | None
-    permanent: bool
-
-
-class Exchange(Protocol[ItemT, OutcomeT]):
-    """What a caller of the engine supplies: building the request, reading the answer."""
-
-    def request(self, item: ItemT) -> Request:
-        """The item's request."""
-        ...
-
-    async def accepted(self, item: ItemT, response: aiohttp.ClientResponse, attempts: int) -> OutcomeT:
-        """Read a 2xx answer into the item's outcome (reading the body frees the connection)."""
-        ...
-
-    def failed(self, item: ItemT, failure: Failure) -> OutcomeT:
-        """The outcome of an item the engine gave up on."""
-        ...
-
-
-@dataclass(slots=True)
-class RequestStats:
-    """Request counters every engine run keeps (the sender and the refresher add their own).
-
-    :param requests: HTTP requests attempted, retries included.
-    :param retries: requests beyond each item's first.
-    :param throttled: answers 429.
-    :param status_counts: answers by HTTP status.
-    :param error_counts: transport failures by kind (``"timeout"``, aiohttp class name).
-    :param pauses: times a 429 held every request because most were being refused.
-    :param rate_decreases: times a 429 lowered the adaptive request rate.
-    :param final_rate_limit: the adaptive rate at the end (requests/s; 0 = never throttled).
-    :param elapsed_seconds: wall time of the run.
-    """
-
-    requests: int = 0
-    retries: int = 0
-    throttled: int = 0
-    status_counts: dict[int, int] = field(default_factory=dict)
-    error_counts: dict[str, int] = field(default_factory=dict)
-    pauses: int = 0
-    rate_decreases: int = 0
-    final_rate_limit: float = 0.0
-    elapsed_seconds: float = 0.0
-
-    @property
-    def requests_per_second(self) -> float:
-        """Average request rate over the run."""
-        return self.requests / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
-
-    def request_counts(self) -> dict[str, Any]:
-        """The request counters in JSON-friendly form (status codes as string keys)."""
-        return {
-            "requests": self.requests,
-            "retries": self.retries,
-            "throttled": self.throttled,
-            "status_counts": {str(k): v for k, v in sorted(self.status_counts.items())},
-            "error_counts": dict(sorted(self.error_counts.items())),
-            "pauses": self.pauses,
-            "rate_decreases": self.rate_decreases,
-            "final_rate_limit": round(self.final_rate_limit, 1),
-            "elapsed_seconds": round(self.elapsed_seconds, 3),
-        }
-
-
-class _Run(Generic[ItemT, OutcomeT, StatsT]):
-    """Mutable state of one run, shared by the workers of one event loop."""
-
-    __slots__ = (
-        "answers",
-        "done",
-        "group",
-        "lost",
-        "workers",
-        "error",
-        "exchange",
-        "failed",
-        "iterator",
-        "limiter",
-        "on_outcome",
-        "rate",
-        "refused",
-        "session",
-        "slots",
-        "started",
-        "stats",
-        "stop",
-        "waiting",
-    )
-
-    def __init__(
-        self,
-        iterator: Iterator[ItemT],
-        exchange: Exchange[ItemT, OutcomeT],
-        on_outcome: Callable[[ItemT, OutcomeT], None],
-        session: aiohttp.ClientSession,
-        settings: CapiSettings,
-        stats: StatsT,
-        sleep: SleepFunc,
-        now: float,
-    ) -> None:
-        self.iterator = iterator
-        self.exchange = exchange
-        self.on_outcome = on_outcome
-        self.session = session
-        self.stats = stats
-        self.limiter = RateLimiter(settings.max_requests_per_second, sleep=sleep)
-        self.rate = ThrottleRate(settings.max_requests_per_second, now)
-        self.slots = InFlightLimit(settings.concurrency, settings.adaptive)
-        self.answers = RateMeter(1.0, now)
-        self.refused = RateMeter(1.0, now)
-        self.started = now
-        self.done = 0
-        self.failed = 0
-        self.lost = 0  # requests presumed lost: still open, no longer counted in flight
-        self.workers = 0
-        self.group: asyncio.TaskGroup | None = None
-        self.waiting = 0
-        self.stop = False
-        self.error: BaseException | None = None
-
-    def fail(self, exc: BaseException) -> None:
-        # Keep the first error; workers finish their in-flight item and stop pulling.
-        if self.error is None:
-            self.error = exc
-        self.stop = True
 
 
 class RequestEngine:
@@ -294,10 +132,12 @@ class RequestEngine:
             cookie_jar=aiohttp.DummyCookieJar(),
             raise_for_status=False,
         ) as session:
-            run: _Run[ItemT, OutcomeT, StatsT] = _Run(
+            run: EngineRun[ItemT, OutcomeT, StatsT] = EngineRun(
                 iter(items), exchange, on_outcome, session, settings, stats, self._sleep, loop.time()
             )
-            reporter = asyncio.create_task(self._report_progress(run, label, remaining))
+            reporter = asyncio.create_task(
+                report_progress(run, self.settings.progress_interval_seconds, label, remaining)
+            )
             try:
                 async with asyncio.TaskGroup() as group:
                     run.group = group
@@ -312,7 +152,7 @@ class RequestEngine:
             raise run.error
         return stats
 
-    async def _worker(self, run: _Run[Any, Any, Any]) -> None:
+    async def _worker(self, run: EngineRun[Any, Any, Any]) -> None:
         while not run.stop:
             if run.workers > self._workers + run.lost:
                 run.workers -= 1  # a lost request came back: its stand-in worker retires
@@ -332,7 +172,7 @@ class RequestEngine:
                 run.fail(exc)
                 return
 
-    async def _one(self, run: _Run[Any, Any, Any], item: Any) -> Any:
+    async def _one(self, run: EngineRun[Any, Any, Any], item: Any) -> Any:
         loop = asyncio.get_running_loop()
         exchange, stats, slots, rate, policy = run.exchange, run.stats, run.slots, run.rate, self.policy
         status_counts = stats.status_counts
@@ -368,13 +208,13 @@ class RequestEngine:
                             outcome = await exchange.accepted(item, response, attempts)
                             now = loop.time()
                             slots.on_answer(now - sent_at)
-                            self._admitted(run, now, sent_at)
+                            run.admitted(now, sent_at)
                             return outcome
                         excerpt = await self._read_excerpt(response)
                         if not policy.is_retryable_status(status):
                             now = loop.time()
                             slots.on_answer(now - sent_at)
-                            self._admitted(run, now, sent_at)
+                            run.admitted(now, sent_at)
                             run.failed += 1
                             return exchange.failed(
                                 item, Failure(status, attempts, f"HTTP {status}", excerpt, True)
@@ -413,12 +253,12 @@ class RequestEngine:
             delay = policy.delay(attempts, retry_after)
             if throttled:
                 stats.throttled += 1
-                self._throttled(run, now, sent_at, delay if retry_after is None else min(retry_after, delay))
+                run.throttled(now, sent_at, delay if retry_after is None else min(retry_after, delay))
             else:
                 # 5xx and lost answers count against the in-flight limit only when most fail.
                 slots.on_answer(None)
                 rate.on_failed(now, sent_at)
-                self._note_refused(run, now, True)
+                run.note_refused(now, True)
             if not policy.can_retry(attempts, now - first, delay):
                 run.failed += 1
                 return exchange.failed(
@@ -432,7 +272,7 @@ class RequestEngine:
                 finally:
                     run.waiting -= 1
 
-    def _watch(self, run: _Run[Any, Any, Any], held: list[bool]) -> asyncio.TimerHandle | None:
+    def _watch(self, run: EngineRun[Any, Any, Any], held: list[bool]) -> asyncio.TimerHandle | None:
         """Presume a request lost once it outlives many times the usual latency.
 
         A request that hangs until its timeout (a dropped answer, a stalled server) would hold
@@ -460,42 +300,6 @@ class RequestEngine:
 
         return asyncio.get_running_loop().call_later(after, presume_lost)
 
-    def _admitted(self, run: _Run[Any, Any, Any], now: float, sent_at: float) -> None:
-        self._note_refused(run, now, False)
-        if self.settings.adaptive:
-            new_rate = run.rate.on_admitted(now, sent_at)
-            if new_rate is not None:
-                run.limiter.set_rate(new_rate, _burst(new_rate))
-
-    def _throttled(self, run: _Run[Any, Any, Any], now: float, sent_at: float, hold: float) -> None:
-        """A 429: delay this item (the caller sleeps), lower the rate, and hold everyone only
-        when most answers of the last second were refusals."""
-        share = self._note_refused(run, now, True)
-        if self.settings.adaptive:
-            new_rate = run.rate.on_throttled(now, sent_at)
-            if new_rate is not None:
-                run.stats.rate_decreases += 1
-                run.limiter.set_rate(new_rate, _burst(new_rate))
-                log.debug(
-                    "request rate lowered to %.0f/s: %.1f%% of answers 429 over the last %.1f s",
-                    new_rate,
-                    100 * run.rate.last_event,
-                    run.rate.WINDOW,
-                )
-        if (share > _HOLD_ALL_SHARE or not self.settings.adaptive) and hold > 0:
-            before = run.limiter.pauses
-            run.limiter.pause_for(hold)
-            run.stats.pauses += run.limiter.pauses - before
-
-    @staticmethod
-    def _note_refused(run: _Run[Any, Any, Any], now: float, refused: bool) -> float:
-        """Record one answer and return the share of refusals over the last second."""
-        run.answers.add(now)
-        if not refused:
-            return 0.0
-        run.refused.add(now)
-        return run.refused.rate(now) / max(run.answers.rate(now), 1e-9)
-
     async def _read_excerpt(self, response: aiohttp.ClientResponse) -> bytes | None:
         limit = self.settings.body_excerpt_bytes
         if limit <= 0:
@@ -514,52 +318,3 @@ class RequestEngine:
     @staticmethod
     def _count_error(stats: RequestStats, kind: str) -> None:
         stats.error_counts[kind] = stats.error_counts.get(kind, 0) + 1
-
-    async def _report_progress(
-        self, run: _Run[Any, Any, Any], label: str, remaining: Callable[[], int | str | None] | None
-    ) -> None:
-        """Log one line every ``progress_interval_seconds`` while the run lasts."""
-        interval = self.settings.progress_interval_seconds
-        stats = run.stats
-        last_requests, last_statuses, last_errors = 0, dict(stats.status_counts), dict(stats.error_counts)
-        last_at = time.perf_counter()
-        while True:
-            await asyncio.sleep(interval)
-            now = time.perf_counter()
-            statuses, errors = dict(stats.status_counts), dict(stats.error_counts)
-            failing = {
-                f"HTTP {code}": n - last_statuses.get(code, 0)
-                for code, n in statuses.items()
-                if not 200 <= code < 300 and n > last_statuses.get(code, 0)
-            }
-            failing.update(
-                {
-                    kind: n - last_errors.get(kind, 0)
-                    for kind, n in errors.items()
-                    if n > last_errors.get(kind, 0)
-                }
-            )
-            left = remaining() if remaining is not None else None
-            rate = run.rate
-            log.info(
-                "%s: %d done (%d failed), %s remaining, %d in flight, %d waiting to retry; %.0f requests/s, "
-                "%d retries, %d throttled (429); rate limit %s, in-flight limit %d; failing: %s",
-                label,
-                run.done,
-                run.failed,
-                "unknown" if left is None else (f"{left:,}" if isinstance(left, int) else left),
-                run.slots.in_flight,
-                run.waiting,
-                (stats.requests - last_requests) / max(now - last_at, 1e-9),
-                stats.retries,
-                stats.throttled,
-                f"{rate.rate:.0f}/s" if rate.enabled else "none (never throttled)",
-                int(run.slots.limit),
-                ", ".join(f"{k} x{v}" for k, v in sorted(failing.items())) or "nothing",
-            )
-            last_requests, last_statuses, last_errors, last_at = stats.requests, statuses, errors, now
-
-
-def _burst(rate: float) -> int:
-    # About 20 ms of requests back to back: smooth enough for a token bucket of burst R/10.
-    return max(1, int(rate / 50))

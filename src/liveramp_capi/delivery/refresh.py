@@ -168,7 +168,6 @@ class EnvelopeRefresher:
             headers["Origin"] = origin
         self._engine = RequestEngine(settings, base, headers, rng=rng, sleep=sleep)
         self.policy = self._engine.policy
-        self.last_stats: RefreshStats | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(concurrency={self.settings.concurrency})"
@@ -191,7 +190,6 @@ class EnvelopeRefresher:
         :return: the counters.
         """
         stats = RefreshStats()
-        self.last_stats = stats
 
         def count(row: StoredEnvelope, outcome: RefreshOutcome) -> None:
             if outcome.skipped:

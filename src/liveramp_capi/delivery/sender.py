@@ -17,7 +17,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -27,7 +27,7 @@ from yarl import URL
 from liveramp_capi.delivery.engine import Failure, Request, RequestEngine, RequestStats
 from liveramp_capi.delivery.settings import TUNING_KEYS, CapiConfigError, CapiSettings, check_base_url
 
-__all__ = ["BatchSender", "DeliveryOutcome", "DeliveryStats", "OutgoingBatch", "RawBatch"]
+__all__ = ["BatchSender", "DeliveryOutcome", "DeliveryStats", "OutgoingBatch"]
 
 log = logging.getLogger(__name__)
 
@@ -51,21 +51,6 @@ class OutgoingBatch(Protocol):
 
     @property
     def body(self) -> bytes: ...
-
-
-@dataclass(frozen=True, slots=True)
-class RawBatch:
-    """
-    Minimal :class:`OutgoingBatch` implementation.
-
-    :param batch_id: caller-chosen identifier.
-    :param event_count: number of events in ``body``.
-    :param body: the serialized request body.
-    """
-
-    batch_id: str
-    event_count: int
-    body: bytes = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +152,6 @@ class BatchSender:
                 headers[name] = value
         self._engine = RequestEngine(settings, base, headers, rng=rng, sleep=sleep)
         self.policy = self._engine.policy
-        self.last_stats: DeliveryStats | None = None
 
     def __repr__(self) -> str:
         # The URL holds the configuration ID: show neither.
@@ -188,7 +172,7 @@ class BatchSender:
         ``settings.concurrency`` batches are in flight and at most four times that many are held
         at any time (the rest wait out a backoff or ``Retry-After``). If the iterable or
         ``on_outcome`` raises, no further batch is pulled, the batches in flight finish (and are
-        reported), then the exception is re-raised; ``self.last_stats`` holds the counters so far.
+        reported), then the exception is re-raised.
 
         :param batches: the batches; a generator is fine (and recommended for large partitions).
         :param on_outcome: called exactly once per pulled batch, synchronously on the event
@@ -200,7 +184,6 @@ class BatchSender:
         :return: the delivery counters.
         """
         stats = DeliveryStats()
-        self.last_stats = stats
 
         def count(batch: OutgoingBatch, outcome: DeliveryOutcome) -> None:
             if outcome.acknowledged:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import urlsplit
+
+from liveramp_capi.domain.batches import DEFAULT_MAX_BATCH_EVENTS, MAX_BATCH_EVENTS_LIMIT
 
 __all__ = ["TUNING_KEYS", "CapiConfigError", "CapiSettings", "check_base_url", "is_loopback_host"]
 
@@ -144,7 +147,7 @@ class CapiSettings:
     backoff_max_seconds: float = 5.0
     retry_after_max_seconds: float = 120.0
     max_requests_per_second: float = 0
-    max_batch_events: int = 50
+    max_batch_events: int = DEFAULT_MAX_BATCH_EVENTS
     verify_tls: bool = True
     body_excerpt_bytes: int = 2048
     adaptive: bool = True
@@ -169,9 +172,9 @@ class CapiSettings:
         check(0 <= self.retry_after_max_seconds <= 3600, "retry_after_max_seconds", ">= 0 and <= 3600")
         check(self.max_requests_per_second >= 0, "max_requests_per_second", ">= 0 (0 = no ceiling)")
         check(
-            1 <= self.max_batch_events <= 1000,
+            1 <= self.max_batch_events <= MAX_BATCH_EVENTS_LIMIT,
             "max_batch_events",
-            "between 1 and 1000 (the Conversions API takes at most 1000 events per request)",
+            f"between 1 and {MAX_BATCH_EVENTS_LIMIT} (the Conversions API's most events per request)",
         )
         check(0 <= self.body_excerpt_bytes <= 1 << 20, "body_excerpt_bytes", "between 0 and 1048576")
         check(0 < self.progress_interval_seconds <= 86_400, "progress_interval_seconds", "> 0 and <= 86400")
@@ -203,8 +206,9 @@ class CapiSettings:
         return settings, remaining
 
 
-def _converter_for(type_name: str):
-    return {"int": _as_int, "float": _as_float, "bool": _as_bool}[type_name]
+def _converter_for(type_name: str) -> Callable[[str, Any], Any]:
+    converters: dict[str, Callable[[str, Any], Any]] = {"int": _as_int, "float": _as_float, "bool": _as_bool}
+    return converters[type_name]
 
 
 _CONVERTERS = {f.name: _converter_for(str(f.type)) for f in fields(CapiSettings)}

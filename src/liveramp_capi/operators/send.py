@@ -69,7 +69,8 @@ class SendConversionsOperator(BaseOperator):
         self.capi_state_conn_id = capi_state_conn_id
         self.session_gap_seconds = session_gap_seconds
         self.max_batch_events = max_batch_events
-        self.dry_run = dry_run
+        # A templated field that shadows BaseOperator.dry_run(), which nothing calls on a send task.
+        self.dry_run = dry_run  # type: ignore[method-assign,assignment]
 
     def execute(self, context: Any) -> dict[str, Any]:
         from sqlalchemy.exc import SQLAlchemyError
