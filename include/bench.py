@@ -787,6 +787,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throttle-batches", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--throttle-rates", default="400,2000", help="token-bucket rates to measure (requests/s)")
     parser.add_argument("--throttle-only", action="store_true", help="only the throttling figures")
+    parser.add_argument("--faults-only", action="store_true", help="only the faults mix against the clean run")
     parser.add_argument("--faults-events", type=int, default=100_000, help="records of the faults-mix partition")
     parser.add_argument("--run-dag-id", default="tiktok_conversions", help=argparse.SUPPRESS)
     parser.add_argument("--send-only", action="store_true",
@@ -815,7 +816,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     details: dict[str, Any] = {}
     sender_rate = 0.0
-    if not args.throttle_only:
+    if not args.throttle_only and not args.faults_only:
         lines = _generated_lines(max(validation_records, requests * 5 // 3))
         if not args.send_only:
             print("1/6 validation ...", flush=True)
@@ -829,6 +830,15 @@ def main(argv: list[str] | None = None) -> int:
         rows += delivery_rows
         sender_rate = delivery_rows[0].value
         del lines
+
+    if args.faults_only:
+        print(f"4/6 faults mix vs clean, {args.faults_events:,} records ...", flush=True)
+        rows, faults = measure_faults_mix(args.workdir, airflow_home, args.faults_events, args.latency_ms)
+        print()
+        print_table(rows)
+        if args.json:
+            args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows], "faults_mix": faults}, indent=1))
+        return 0 if all(r.met is not False for r in rows) else 1
 
     if args.send_only:
         print(f"5/6 end to end, {events:,} records ...", flush=True)

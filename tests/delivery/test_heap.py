@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import weakref
 
-from liveramp_capi.delivery.heap import collector_paused, long_lived_heap_frozen
+from liveramp_capi.delivery.heap import RUN_THRESHOLD, collector_paused, long_lived_heap_frozen
 
 
 class _Node:
@@ -55,3 +55,12 @@ def test_collector_paused_restores_the_collector_even_after_an_error() -> None:
         assert not gc.isenabled()  # it was off before: left off
     finally:
         gc.enable()
+
+
+def test_collections_are_rarer_during_a_run_and_thresholds_come_back() -> None:
+    before = gc.get_threshold()
+    with long_lived_heap_frozen():
+        with long_lived_heap_frozen():
+            assert gc.get_threshold()[0] == max(RUN_THRESHOLD, before[0])
+        assert gc.get_threshold()[0] == max(RUN_THRESHOLD, before[0])  # the outer run still lasts
+    assert gc.get_threshold() == before

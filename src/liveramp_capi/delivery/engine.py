@@ -42,6 +42,10 @@ StatsT = TypeVar("StatsT", bound="RequestStats")
 SleepFunc = Callable[[float], Awaitable[Any]]
 
 _TLS_ERRORS = (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError)
+#: An attempt is cut short after this many times the long-run latency, never sooner than the
+#: minimum (see RequestEngine._attempt_timeout).
+_CUT_SHORT_LATENCIES = 30
+_CUT_SHORT_MIN = 3.0
 #: Workers per in-flight slot (see RequestEngine.__init__).
 _WORKERS_PER_SLOT = 4
 
@@ -74,6 +78,7 @@ class RequestEngine:
             total=settings.timeout_seconds, connect=settings.connect_timeout_seconds
         )
         self._timeout_error = f"timeout after {settings.timeout_seconds} s"
+        self._short_timeouts: dict[float, aiohttp.ClientTimeout] = {}
         self._sleep = sleep
         # Items waiting out a backoff or Retry-After hold a worker but no in-flight slot: more
         # workers than slots keep the slots busy while a share of the items waits.
@@ -181,6 +186,7 @@ class RequestEngine:
         attempts = 0
         status: int | None = None
         excerpt: bytes | None = None
+        timed_out_short = False  # the last attempt was cut short: give the next one the full timeout
         while True:
             await slots.acquire()
             held = [True]
@@ -194,6 +200,7 @@ class RequestEngine:
                 rate.on_sent(sent_at)
                 retry_after: float | None = None
                 throttled = False
+                timeout = None if timed_out_short else self._attempt_timeout(run)
                 try:
                     async with run.session.request(
                         request.method,
@@ -201,6 +208,7 @@ class RequestEngine:
                         data=request.data,
                         headers=request.headers,
                         allow_redirects=False,
+                        timeout=timeout or self._timeout,
                     ) as response:
                         status = response.status
                         status_counts[status] = status_counts.get(status, 0) + 1
@@ -225,7 +233,8 @@ class RequestEngine:
                         throttled = status == 429
                         error = f"HTTP {status}"
                 except TimeoutError:
-                    error = self._timeout_error
+                    error = f"timeout after {timeout.total:g} s" if timeout else self._timeout_error
+                    timed_out_short = timeout is not None
                     self._count_error(stats, "timeout")
                 except _TLS_ERRORS as exc:
                     # Another attempt cannot fix a certificate problem.
@@ -271,6 +280,27 @@ class RequestEngine:
                     await self._sleep(delay)
                 finally:
                     run.waiting -= 1
+
+    def _attempt_timeout(self, run: EngineRun[Any, Any, Any]) -> aiohttp.ClientTimeout | None:
+        """A shorter timeout for this attempt when the usual latency is known, else ``None``.
+
+        A stalled answer (a dropped connection the server never closes) costs a whole
+        ``timeout_seconds`` before its retry, and a shard's last batches wait for their slowest
+        one: under the faults mix the send tasks spent their last 10-20 s on a few stalls. An
+        attempt is cut after ``max(3 s, 30 x`` the long-run latency), and the item's next attempt
+        gets the full timeout again, so a server that really got slow costs each item one short
+        attempt, never a loop of them.
+        """
+        if not self.settings.adaptive or not run.slots.long_latency:
+            return None
+        after = round(max(_CUT_SHORT_MIN, _CUT_SHORT_LATENCIES * run.slots.long_latency), 1)
+        if after >= self.settings.timeout_seconds:
+            return None
+        timeout = self._short_timeouts.get(after)
+        if timeout is None:
+            timeout = aiohttp.ClientTimeout(total=after, connect=self.settings.connect_timeout_seconds)
+            self._short_timeouts[after] = timeout
+        return timeout
 
     def _watch(self, run: EngineRun[Any, Any, Any], held: list[bool]) -> asyncio.TimerHandle | None:
         """Presume a request lost once it outlives many times the usual latency.
