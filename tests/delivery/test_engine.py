@@ -173,3 +173,19 @@ def test_stalled_requests_stop_holding_slots_after_many_latencies(standin) -> No
     # Stalled requests still open beside a full set of live ones, never more than twice the ceiling.
     assert 8 < standin.stats()["max_in_flight"] <= 16
     assert sorted(standin.received_event_ids()) == sorted(items)
+
+
+def test_a_stalled_attempt_is_cut_short_once_then_gets_the_full_timeout(standin) -> None:
+    def items():
+        yield from (f"e{i}" for i in range(30))  # enough answers for a long-run latency
+        standin.config(stall_rate=1.0, stall_seconds=30)
+        yield "stalled"
+
+    errors = []
+    for attempts in (1, 2):
+        standin.config(stall_rate=0.0)
+        outcomes, stats, _ = run(standin, items(), concurrency=1, timeout_seconds=4.5, max_attempts=attempts, **FAST)
+        assert len(outcomes) == 31 and stats.error_counts["timeout"] >= attempts
+        errors.append(outcomes["stalled"].error)
+    # Cut after max(3 s, 30x the latency of ~ms), then the next attempt waits the full timeout.
+    assert errors == ["retries exhausted: timeout after 3 s", "retries exhausted: timeout after 4.5 s"]
