@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from liveramp_capi.domain.ledger import DeliveryLedger
-from liveramp_capi.domain.statedb import check_reachable
 from liveramp_capi.hooks.state import CapiStateHook
+from liveramp_capi.state.database import check_reachable
+from liveramp_capi.state.ledger import DeliveryLedger
 
 ENV = "AIRFLOW_CONN_CAPI_STATE_DEFAULT"
 PG = {"conn_type": "postgres", "host": "127.0.0.1", "port": 5432, "login": "postgres", "schema": "test"}

@@ -11,20 +11,18 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from liveramp_capi.domain.consent import DAY_SECONDS, Consent, envelope_expiry
 from liveramp_capi.domain.envelopes import (
     ACTIVE,
     CONSENT_MISSING,
-    DAY_SECONDS,
     EXPIRED,
     REFRESH_FAILED,
-    Consent,
     EnvelopeRecord,
-    EnvelopeStore,
     RefreshResult,
-    envelope_expiry,
     resolve_session,
 )
 from liveramp_capi.domain.sessions import Session, ShardEntry, key_hash
+from liveramp_capi.state.envelope_store import EnvelopeStore
 
 NOW = 1_790_000_000
 TCF = Consent(ct=4, cv="CPXxRfAPXxRfAAfKABENB-CgAAAAAAAAAAYgAAAAAAAA")
@@ -214,11 +212,11 @@ def test_upsert_throughput(store: EnvelopeStore, rows: int) -> None:
 
 
 def test_a_newer_schema_version_is_refused(store: EnvelopeStore) -> None:
-    from liveramp_capi.domain.ledger import LedgerSchemaError
+    from liveramp_capi.state.migrations import SchemaVersionError
 
     with store.engine.begin() as connection:
         connection.execute(sa.text("UPDATE capi_schema_version SET version = 99 WHERE component = 'envelope_store'"))
-    with pytest.raises(LedgerSchemaError, match="upgrade"):
+    with pytest.raises(SchemaVersionError, match="upgrade"):
         store.ensure_schema()
 
 

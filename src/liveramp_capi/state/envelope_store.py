@@ -1,23 +1,11 @@
 """The envelope store: the freshest ATS identity envelope of every user key, and its lifetime.
 
-ATS envelopes expire (LiveRamp: 30 days, 15 days in California). Offline conversions (renewals,
-refunds, CRM events) arrive weeks after the visit that produced their envelope, so the pipeline
-keeps, per advertiser user key, the newest envelope it has seen, when it was issued, the consent
-captured with it (what refreshing it needs) and the end user's IP (``X-Forwarded-For``). The
-daily ``ats_envelope_refresh`` DAG refreshes rows before they expire; the send step replaces an
-event's envelope by a fresher one from here, or holds the event back when every envelope it
-could use has expired.
-
-**Lifetime rule** (:mod:`liveramp_capi.domain.consent`): 15 days unless the captured consent
-proves a jurisdiction where LiveRamp's 30 days apply (a TCF v2 string, or a GPP string naming
-only non-Californian sections); an advertiser without Californian traffic may configure
-:attr:`~liveramp_capi.domain.consent.LifetimeRule.NO_CALIFORNIA_TRAFFIC`. The store applies
-one rule to every row: when the configured rule differs from the one its rows were computed
-with (or the store predates the rule, schema version 1), :meth:`EnvelopeStore.ensure_schema`
-recomputes every expiry before anything reads it. ``issued_at`` is the record's
-``envelope_issued_at``; a record without one gets its ``event_time``: the envelope existed when
-the event happened, so it was issued then or earlier, and an expiry computed from
-``event_time`` is never too early (an envelope judged expired by it really is).
+The store keeps, per advertiser user key, the newest envelope the pipeline has seen
+(:mod:`liveramp_capi.domain.envelopes`), when it was issued, the consent captured with it (what
+refreshing it needs) and the end user's IP (``X-Forwarded-For``). The daily
+``ats_envelope_refresh`` DAG refreshes rows before they expire; the send step resolves a
+fresher envelope from here. One lifetime rule applies to every row
+(:mod:`liveramp_capi.state.envelope_rows`).
 
 **Store rules.** Upserts only, and the newer ``issued_at`` wins (on a tie, the larger envelope
 value, so the outcome does not depend on the order of writers): re-running a partition leaves
@@ -33,64 +21,42 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
 
-from liveramp_capi.domain.consent import (
-    CALIFORNIA_LIFETIME_DAYS,
-    DAY_SECONDS,
-    LIFETIME_DAYS,
-    Consent,
-    LifetimeRule,
-    envelope_expiry,
-    gpp_sections,
-    lifetime_seconds,
+from liveramp_capi.domain.consent import DAY_SECONDS, LIFETIME_DAYS, LifetimeRule, envelope_expiry
+from liveramp_capi.domain.envelopes import (
+    ACTIVE,
+    CONSENT_MISSING,
+    EXPIRED,
+    REFRESH_FAILED,
+    EnvelopeRecord,
+    RefreshResult,
+    StoredEnvelope,
+    newest_per_user_key,
 )
-from liveramp_capi.domain.ledger import ensure_component_schema, sanitize_error
-from liveramp_capi.domain.sessions import Session, ShardEntry, key_hash
-from liveramp_capi.domain.statedb import (
-    RETRYABLE_PGCODES,
+from liveramp_capi.domain.redaction import sanitize_error
+from liveramp_capi.state.database import (
     SQLITE_BEGIN_IMMEDIATE,
     chunked,
+    delete_where_in,
     execute_write,
+    retrying,
     upsert_insert,
+    write_in_chunks,
 )
-
-__all__ = [
-    "ACTIVE",
-    "CALIFORNIA_LIFETIME_DAYS",
-    "CONSENT_MISSING",
-    "DAY_SECONDS",
-    "EXPIRED",
-    "LIFETIME_DAYS",
-    "REFRESH_FAILED",
-    "Consent",
-    "EnvelopeRecord",
-    "LifetimeRule",
-    "EnvelopeStore",
-    "ResolvedSession",
-    "RefreshResult",
-    "StoredEnvelope",
-    "build_refresh_summary",
-    "envelope_expiry",
-    "envelope_table",
-    "gpp_sections",
-    "lifetime_seconds",
-    "resolve_session",
-]
-
-ACTIVE = "active"
-EXPIRED = "expired"
-REFRESH_FAILED = "refresh_failed"
-CONSENT_MISSING = "consent_missing"
-STATES: tuple[str, ...] = (ACTIVE, EXPIRED, REFRESH_FAILED, CONSENT_MISSING)
-
+from liveramp_capi.state.envelope_rows import (
+    MAX_REASON_CHARS,
+    applied_lifetime_rule,
+    apply_lifetime_rule,
+    envelope_table,
+    lifetime_rule_table,
+    record_row,
+)
+from liveramp_capi.state.migrations import ensure_component_schema
 
 #: Name and version of the store's tables in ``capi_schema_version``.
 SCHEMA_COMPONENT = "envelope_store"
@@ -99,236 +65,18 @@ SCHEMA_VERSION = 2
 #: Share of an envelope's lifetime that may remain when the refresh selects it (a third: a
 #: 15-day envelope is refreshed from day 10 on, a 30-day one from day 20 on).
 DEFAULT_REFRESH_REMAINING_SHARE = 1 / 3
-
-MAX_USER_KEY_CHARS = 256
-MAX_REASON_CHARS = 200
 #: Rows per statement for upserts and ``IN`` look-ups (bounded statement size on both backends).
 WRITE_CHUNK = 500
-
-metadata = sa.MetaData()
-
-envelope_table = sa.Table(
-    "capi_envelope_store",
-    metadata,
-    sa.Column("user_key", sa.String(MAX_USER_KEY_CHARS), primary_key=True),
-    # Stable 63-bit hash of user_key: refresh work is split by ``user_key_hash % slices``.
-    sa.Column("user_key_hash", sa.BigInteger, nullable=False),
-    sa.Column("envelope", sa.Text, nullable=False),
-    # Unix seconds (UTC), like the input's envelope_issued_at and event_time.
-    sa.Column("issued_at", sa.BigInteger, nullable=False),
-    sa.Column("expires_at", sa.BigInteger, nullable=False),
-    sa.Column("consent_ct", sa.SmallInteger, nullable=True),
-    sa.Column("consent_cv", sa.Text, nullable=True),
-    sa.Column("consent_gpp", sa.Text, nullable=True),
-    sa.Column("consent_gpp_sid", sa.String(320), nullable=True),
-    sa.Column("client_ip", sa.String(64), nullable=True),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("reason", sa.String(MAX_REASON_CHARS), nullable=True),
-    sa.Column("refresh_failures", sa.Integer, nullable=False, default=0),
-    sa.Column("updated_at", sa.BigInteger, nullable=False),
-    sa.Column("last_refresh_attempt_at", sa.BigInteger, nullable=True),
-    sa.CheckConstraint(
-        "state IN (" + ", ".join(f"'{state}'" for state in STATES) + ")", name="ck_capi_envelope_state"
-    ),
-    # The refresh selection walks rows in (expires_at, user_key) order up to the longest horizon.
-    sa.Index("ix_capi_envelope_store_expires", "expires_at", "user_key"),
-    sa.Index("ix_capi_envelope_store_attempt", "last_refresh_attempt_at"),
-)
-
-#: Which lifetime rule the store's expiries were computed with (one row).
-lifetime_rule_table = sa.Table(
-    "capi_envelope_lifetime_rule",
-    metadata,
-    sa.Column("id", sa.SmallInteger, primary_key=True),
-    sa.Column("rule", sa.String(64), nullable=False),
-    sa.Column("applied_at", sa.BigInteger, nullable=False),
-    sa.Column("rows_changed", sa.BigInteger, nullable=False),
-)
 
 
 def _now() -> int:
     return int(time.time())
 
 
-# -- records and rows -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class EnvelopeRecord:
-    """What one conversion record tells the store about its user's envelope.
-
-    :param user_key: the advertiser's stable user key.
-    :param envelope: the ATS envelope (``user_data.partner_id``; secret for logs).
-    :param issued_at: ``envelope_issued_at``, or the event time when the record has none.
-    :param consent: the consent captured with the envelope, if any.
-    :param client_ip: the end user's IP, if any (secret for logs).
-    :param lifetime_rule: the configured lifetime rule (the store applies its own on upsert).
-    """
-
-    user_key: str
-    envelope: str = field(repr=False)
-    issued_at: int
-    consent: Consent | None = None
-    client_ip: str | None = field(default=None, repr=False)
-    lifetime_rule: LifetimeRule = LifetimeRule.CONSERVATIVE
-
-    @property
-    def expires_at(self) -> int:
-        """Expiry under the lifetime rule."""
-        return envelope_expiry(self.issued_at, self.consent, self.lifetime_rule)
-
-    @staticmethod
-    def issued_at_of(pipeline: Mapping[str, Any], event_time: int, now: int) -> int:
-        """The record's envelope issue time: ``envelope_issued_at``, else ``event_time``; never after ``now``.
-
-        A timestamp in the future would win every later upsert, hence the clamp.
-
-        :param pipeline: the record's pipeline-only fields.
-        :param event_time: the event's Unix time.
-        :param now: the current Unix time.
-        """
-        issued = pipeline.get("envelope_issued_at")
-        if not isinstance(issued, int) or isinstance(issued, bool):
-            issued = event_time
-        return min(int(issued), int(now))
-
-    @classmethod
-    def from_accepted(
-        cls,
-        event: Mapping[str, Any],
-        pipeline: Mapping[str, Any],
-        event_time: int,
-        now: int,
-        lifetime_rule: LifetimeRule = LifetimeRule.CONSERVATIVE,
-    ) -> EnvelopeRecord | None:
-        """Build the record of an accepted event, or ``None`` without both a user key and an envelope.
-
-        :param event: the validated event (``user_data.partner_id`` is the envelope).
-        :param pipeline: its pipeline-only fields (``user_key``, ``envelope_issued_at``, ``consent``, ``client_ip``).
-        :param event_time: the event's Unix time.
-        :param now: the current Unix time.
-        :param lifetime_rule: the configured lifetime rule (``EnvelopeStore.lifetime_rule``).
-        """
-        user_key = pipeline.get("user_key")
-        envelope = (event.get("user_data") or {}).get("partner_id")
-        if not isinstance(user_key, str) or not user_key or not isinstance(envelope, str) or not envelope:
-            return None
-        ip = pipeline.get("client_ip")
-        return cls(
-            user_key=user_key,
-            envelope=envelope,
-            issued_at=cls.issued_at_of(pipeline, event_time, now),
-            consent=Consent.from_record(pipeline.get("consent")),
-            client_ip=ip if isinstance(ip, str) and ip else None,
-            lifetime_rule=lifetime_rule,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class StoredEnvelope:
-    """One row of the store.
-
-    :param user_key: the advertiser's user key.
-    :param envelope: the current envelope (secret for logs).
-    :param issued_at: Unix seconds of issue or last refresh.
-    :param expires_at: Unix seconds of expiry.
-    :param consent: the consent captured with the envelope, if any.
-    :param client_ip: the end user's IP, if any (secret for logs).
-    :param state: one of :data:`STATES`.
-    :param reason: why the last refresh failed (``refresh_failed``), else None.
-    :param refresh_failures: consecutive failed refreshes.
-    """
-
-    user_key: str
-    envelope: str = field(repr=False)
-    issued_at: int
-    expires_at: int
-    consent: Consent | None
-    client_ip: str | None = field(repr=False)
-    state: str
-    reason: str | None = None
-    refresh_failures: int = 0
-
-    @property
-    def lifetime_seconds(self) -> int:
-        """The lifetime this row was given (expiry minus issue or last refresh)."""
-        return self.expires_at - self.issued_at
-
-    @classmethod
-    def from_row(cls, row: Any) -> StoredEnvelope:
-        consent = Consent.from_columns(row.consent_ct, row.consent_cv, row.consent_gpp, row.consent_gpp_sid)
-        return cls(
-            user_key=row.user_key,
-            envelope=row.envelope,
-            issued_at=int(row.issued_at),
-            expires_at=int(row.expires_at),
-            consent=consent,
-            client_ip=row.client_ip,
-            state=row.state,
-            reason=row.reason,
-            refresh_failures=int(row.refresh_failures or 0),
-        )
-
-
-def _record_row(record: EnvelopeRecord, now: int, rule: LifetimeRule) -> dict[str, Any]:
-    consent = record.consent
-    expires_at = envelope_expiry(record.issued_at, consent, rule)
-    return {
-        "user_key": record.user_key,
-        "user_key_hash": key_hash(record.user_key),
-        "envelope": record.envelope,
-        "issued_at": record.issued_at,
-        "expires_at": expires_at,
-        "consent_ct": consent.ct if consent else None,
-        "consent_cv": consent.cv if consent else None,
-        "consent_gpp": consent.gpp if consent else None,
-        "consent_gpp_sid": consent.gpp_sid if consent else None,
-        "client_ip": record.client_ip,
-        # An envelope that arrives already expired is stored as such (it may still be replaced).
-        "state": _live_state(expires_at, consent, now),
-        "reason": None,
-        "refresh_failures": 0,
-        "updated_at": now,
-        "last_refresh_attempt_at": None,
-    }
-
-
-def _live_state(expires_at: int, consent: Consent | None, now: int) -> str:
-    return EXPIRED if expires_at <= now else (ACTIVE if consent else CONSENT_MISSING)
-
-
-def _newest(records: Iterable[EnvelopeRecord]) -> list[EnvelopeRecord]:
-    # One row per key (PostgreSQL refuses to upsert a row twice in one statement); the same
-    # winner rule as the SQL guard; user_key order so concurrent writers lock rows alike.
-    best: dict[str, EnvelopeRecord] = {}
-    for record in records:
-        if len(record.user_key) > MAX_USER_KEY_CHARS:
-            raise ValueError(f"user_key longer than {MAX_USER_KEY_CHARS} characters")
-        current = best.get(record.user_key)
-        if current is None or (record.issued_at, record.envelope) > (current.issued_at, current.envelope):
-            best[record.user_key] = record
-    return [best[key] for key in sorted(best)]
-
-
-@dataclass(frozen=True, slots=True)
-class RefreshResult:
-    """The outcome of one refresh, to be recorded with :meth:`EnvelopeStore.record_refreshed` or
-    :meth:`EnvelopeStore.record_failed`.
-
-    :param row: the row as selected (its envelope is the one that was refreshed).
-    :param new_envelope: the refreshed type-19 envelope (success only; secret for logs).
-    :param reason: short failure reason (failure only; no identifiers).
-    """
-
-    row: StoredEnvelope
-    new_envelope: str | None = field(default=None, repr=False)
-    reason: str | None = None
-
-
 class EnvelopeStore:
     """Read and write the envelope store in the state database.
 
-    :param engine: a SQLite or PostgreSQL engine (see :func:`~liveramp_capi.domain.statedb.make_engine`).
+    :param engine: a SQLite or PostgreSQL engine (see :func:`~liveramp_capi.state.database.make_engine`).
     :param lifetime_rule: how envelope lifetimes are decided (every task of one state database
         must use the same rule; :meth:`ensure_schema` re-evaluates the rows when it changes).
     """
@@ -352,70 +100,29 @@ class EnvelopeStore:
 
     def applied_lifetime_rule(self) -> str | None:
         """The rule the stored expiries were computed with; None for a store never re-evaluated."""
-        with self.engine.connect() as connection:
-            return connection.execute(
-                sa.select(lifetime_rule_table.c.rule).where(lifetime_rule_table.c.id == 1)
-            ).scalar_one_or_none()
+        return applied_lifetime_rule(self.engine)
 
     def apply_lifetime_rule(self, *, now: int | None = None, page_size: int = 2000) -> int:
-        """Recompute every row's expiry (and expired state) under :attr:`lifetime_rule` if needed.
+        """Recompute every row's expiry under :attr:`lifetime_rule` if the store records another rule.
 
-        Nothing happens when the store records this rule already. Otherwise the rows are walked
-        in ``user_key`` pages; a row whose expiry changes gets the new one, and its state follows
-        (``expired`` when the new expiry has passed, live again when a longer rule revives it).
-
-        :param now: the current Unix time.
-        :param page_size: rows read per page.
-        :return: rows changed.
+        See :func:`~liveramp_capi.state.envelope_rows.apply_lifetime_rule`; returns rows changed.
         """
-        rule = self.lifetime_rule
-        if self.applied_lifetime_rule() == rule.value:
-            return 0
-        now = _now() if now is None else int(now)
-        table = envelope_table
-        update = (
-            sa.update(table)
-            .where(table.c.user_key == sa.bindparam("k"), table.c.issued_at == sa.bindparam("issued"))
-            .values(expires_at=sa.bindparam("exp"), state=sa.bindparam("st"), updated_at=now)
-        )
-        columns = (table.c.user_key, table.c.issued_at, table.c.expires_at, table.c.state, table.c.consent_ct,
-                   table.c.consent_cv, table.c.consent_gpp, table.c.consent_gpp_sid)
-        changed = 0
-        cursor: str | None = None
-        while True:
-            query = sa.select(*columns).order_by(table.c.user_key).limit(page_size)
-            if cursor is not None:
-                query = query.where(table.c.user_key > cursor)
-            with self.engine.connect() as connection:
-                page = connection.execute(query).all()
-            if not page:
-                break
-            cursor = page[-1].user_key
-            updates = []
-            for row in page:
-                consent = Consent.from_columns(row.consent_ct, row.consent_cv, row.consent_gpp, row.consent_gpp_sid)
-                expires_at = envelope_expiry(row.issued_at, consent, rule)
-                if expires_at == row.expires_at:
-                    continue
-                state = row.state
-                if expires_at <= now:
-                    state = EXPIRED
-                elif state == EXPIRED:
-                    state = _live_state(expires_at, consent, now)
-                updates.append({"k": row.user_key, "issued": row.issued_at, "exp": expires_at, "st": state})
-            if updates:
-                changed += self._execute(update, updates)
-        statement = self._insert(lifetime_rule_table)
-        values = {"id": 1, "rule": rule.value, "applied_at": now, "rows_changed": changed}
-        statement = statement.values(**values).on_conflict_do_update(
-            index_elements=[lifetime_rule_table.c.id],
-            set_={name: getattr(statement.excluded, name) for name in ("rule", "applied_at", "rows_changed")},
-        )
-        self._execute(statement)
-        return changed
+        return apply_lifetime_rule(self.engine, self.lifetime_rule, now=_now() if now is None else int(now),
+                                   page_size=page_size)
 
     def _execute(self, statement: Any, rows: list[dict[str, Any]] | None = None) -> int:
         return execute_write(self.engine, statement, rows)
+
+    def _update_held_envelopes(self, values: dict[str, Any], rows: list[dict[str, Any]]) -> int:
+        # Only a row still holding the envelope that was refreshed changes: a newer one written
+        # meanwhile by the pipeline, or a row deleted by ``forget``, is left alone.
+        table = envelope_table
+        statement = (
+            sa.update(table)
+            .where(table.c.user_key == sa.bindparam("k"), table.c.envelope == sa.bindparam("old"))
+            .values(**values)
+        )
+        return write_in_chunks(self.engine, statement, rows, WRITE_CHUNK)
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -430,7 +137,7 @@ class EnvelopeStore:
         :return: the number of distinct user keys offered.
         """
         now = _now() if now is None else int(now)
-        newest = _newest(records)
+        newest = newest_per_user_key(records)
         if not newest:
             return 0
         table = envelope_table
@@ -463,7 +170,7 @@ class EnvelopeStore:
             where=newer,
         )
         for chunk in chunked(newest, WRITE_CHUNK):
-            self._execute(statement, [_record_row(record, now, self.lifetime_rule) for record in chunk])
+            self._execute(statement, [record_row(record, now, self.lifetime_rule) for record in chunk])
         return len(newest)
 
     def mark_expired(self, *, now: int | None = None) -> int:
@@ -486,23 +193,19 @@ class EnvelopeStore:
         now = _now() if now is None else int(now)
         table = envelope_table
         where = sa.and_(table.c.expires_at <= now, table.c.state != EXPIRED)
-        for attempt in range(3):
-            try:
-                # Read then write in one transaction: SQLite must take the write lock at BEGIN.
-                with self.engine.connect() as connection, connection.execution_options(
-                    **{SQLITE_BEGIN_IMMEDIATE: True}
-                ).begin():
-                    found = connection.execute(
-                        sa.select(table.c.state, sa.func.count()).where(where).group_by(table.c.state)
-                    ).all()
-                    connection.execute(sa.update(table).where(where).values(state=EXPIRED, updated_at=now))
-                return {state: int(count) for state, count in sorted(found)}
-            except DBAPIError as exc:
-                code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-                if attempt == 2 or code not in RETRYABLE_PGCODES:
-                    raise
-                time.sleep(0.05 * (attempt + 1))
-        return {}  # pragma: no cover - the loop returns or raises
+
+        def mark() -> dict[str, int]:
+            # Read then write in one transaction: SQLite must take the write lock at BEGIN.
+            with self.engine.connect() as connection, connection.execution_options(
+                **{SQLITE_BEGIN_IMMEDIATE: True}
+            ).begin():
+                found = connection.execute(
+                    sa.select(table.c.state, sa.func.count()).where(where).group_by(table.c.state)
+                ).all()
+                connection.execute(sa.update(table).where(where).values(state=EXPIRED, updated_at=now))
+            return {state: int(count) for state, count in sorted(found)}
+
+        return retrying(mark)
 
     def record_refreshed(self, results: Sequence[RefreshResult], *, now: int | None = None) -> int:
         """Store refreshed envelopes with a new ``issued_at`` (``now``) and expiry.
@@ -515,21 +218,16 @@ class EnvelopeStore:
         :return: rows updated.
         """
         now = _now() if now is None else int(now)
-        table = envelope_table
-        statement = (
-            sa.update(table)
-            .where(table.c.user_key == sa.bindparam("k"), table.c.envelope == sa.bindparam("old"))
-            .values(
-                envelope=sa.bindparam("new"),
-                issued_at=now,
-                expires_at=sa.bindparam("exp"),
-                state=ACTIVE,
-                reason=None,
-                refresh_failures=0,
-                updated_at=now,
-                last_refresh_attempt_at=now,
-            )
-        )
+        values = {
+            "envelope": sa.bindparam("new"),
+            "issued_at": now,
+            "expires_at": sa.bindparam("exp"),
+            "state": ACTIVE,
+            "reason": None,
+            "refresh_failures": 0,
+            "updated_at": now,
+            "last_refresh_attempt_at": now,
+        }
         rows = [
             {
                 "k": result.row.user_key,
@@ -540,7 +238,7 @@ class EnvelopeStore:
             for result in sorted(results, key=lambda r: r.row.user_key)
             if result.new_envelope
         ]
-        return sum(self._execute(statement, list(chunk)) for chunk in chunked(rows, WRITE_CHUNK)) if rows else 0
+        return self._update_held_envelopes(values, rows)
 
     def record_failed(self, results: Sequence[RefreshResult], *, now: int | None = None) -> int:
         """Mark rows whose refresh failed, with the reason; the envelope itself is kept.
@@ -551,17 +249,13 @@ class EnvelopeStore:
         """
         now = _now() if now is None else int(now)
         table = envelope_table
-        statement = (
-            sa.update(table)
-            .where(table.c.user_key == sa.bindparam("k"), table.c.envelope == sa.bindparam("old"))
-            .values(
-                state=sa.case((table.c.expires_at <= now, EXPIRED), else_=REFRESH_FAILED),
-                reason=sa.bindparam("why"),
-                refresh_failures=table.c.refresh_failures + 1,
-                updated_at=now,
-                last_refresh_attempt_at=now,
-            )
-        )
+        values = {
+            "state": sa.case((table.c.expires_at <= now, EXPIRED), else_=REFRESH_FAILED),
+            "reason": sa.bindparam("why"),
+            "refresh_failures": table.c.refresh_failures + 1,
+            "updated_at": now,
+            "last_refresh_attempt_at": now,
+        }
         rows = [
             {
                 "k": result.row.user_key,
@@ -570,19 +264,14 @@ class EnvelopeStore:
             }
             for result in sorted(results, key=lambda r: r.row.user_key)
         ]
-        return sum(self._execute(statement, list(chunk)) for chunk in chunked(rows, WRITE_CHUNK)) if rows else 0
+        return self._update_held_envelopes(values, rows)
 
     def forget(self, user_keys: Iterable[str]) -> int:
         """Delete the identities of these user keys (data subject erasure); return rows deleted.
 
         :param user_keys: the advertiser's user keys.
         """
-        keys = sorted(set(user_keys))
-        table = envelope_table
-        deleted = 0
-        for chunk in chunked(keys, WRITE_CHUNK):
-            deleted += self._execute(sa.delete(table).where(table.c.user_key.in_(list(chunk))))
-        return deleted
+        return delete_where_in(self.engine, envelope_table.c.user_key, user_keys, WRITE_CHUNK)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -733,130 +422,3 @@ class EnvelopeStore:
         with self.engine.connect() as connection:
             rows = connection.execute(sa.select(table.c.state, sa.func.count()).group_by(table.c.state)).all()
         return {state: int(count) for state, count in sorted(rows)}
-
-
-# -- resolution at send time ------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class ResolvedSession:
-    """A session after envelope resolution.
-
-    :param original: the sendable entries as spilled (batch ids are cut from these, so a
-        refreshed store between two runs does not change them), or None if nothing is sendable.
-    :param resolved: the same entries with the chosen envelope in their JSON (``original``
-        itself when nothing was replaced).
-    :param expired: entries whose every usable envelope has expired: not sent.
-    :param replaced: how many entries got the store's envelope.
-    """
-
-    original: Session | None
-    resolved: Session | None
-    expired: list[ShardEntry]
-    replaced: int
-
-
-def _with_envelope(entry: ShardEntry, envelope: str) -> ShardEntry | None:
-    event = orjson.loads(entry.event_json)
-    user_data = event.get("user_data")
-    if not isinstance(user_data, dict) or user_data.get("partner_id") == envelope:
-        return None
-    user_data["partner_id"] = envelope
-    return entry._replace(event_json=orjson.dumps(event))
-
-
-def resolve_session(session: Session, stored: Mapping[str, StoredEnvelope], now: int) -> ResolvedSession:
-    """Choose each entry's envelope: the freshest unexpired one, the record's own or the store's.
-
-    An entry without a user key keeps its own envelope unless that is known to be expired. An
-    entry whose own envelope has expired and whose key has no unexpired row is held back. Only
-    entries that take the store's envelope are re-serialised.
-
-    :param session: one session of a shard.
-    :param stored: unexpired rows of the shard's user keys (:meth:`EnvelopeStore.resolve`).
-    :param now: the send time.
-    """
-    kept: list[ShardEntry] = []
-    resolved: list[ShardEntry] = []
-    expired: list[ShardEntry] = []
-    replaced = 0
-    for entry in session.entries:
-        own_expires = entry.envelope_expires_at
-        own_valid = own_expires is None or own_expires > now
-        row = stored.get(entry.user_key) if entry.user_key else None
-        if row is not None and row.expires_at <= now:
-            row = None
-        if row is not None and (not own_valid or row.issued_at > (entry.envelope_issued_at or 0)):
-            swapped = _with_envelope(entry, row.envelope)
-            kept.append(entry)
-            if swapped is not None:
-                replaced += 1
-                resolved.append(swapped)
-            else:
-                resolved.append(entry)
-        elif own_valid:
-            kept.append(entry)
-            resolved.append(entry)
-        else:
-            expired.append(entry)
-    if not kept:
-        return ResolvedSession(None, None, expired, 0)
-    original = session if not expired else Session(session.key, session.key_hash, kept)
-    result = original if not replaced else Session(session.key, session.key_hash, resolved)
-    return ResolvedSession(original, result, expired, replaced)
-
-
-# -- the refresh run's summary ------------------------------------------------------------------
-
-
-def build_refresh_summary(
-    plan: Mapping[str, Any],
-    slice_results: Iterable[Mapping[str, Any]],
-    attempts: Mapping[str, Any],
-    *,
-    max_failure_ratio: float,
-) -> dict[str, Any]:
-    """Add up a refresh run: counts only, no identifiers.
-
-    :param plan: the plan step's document (``as_of``, ``slices``, ``due``, ...).
-    :param slice_results: one document per slice task that finished.
-    :param attempts: :meth:`EnvelopeStore.attempts_since` for the plan's ``as_of``.
-    :param max_failure_ratio: the largest share of failed refreshes among attempted ones.
-    """
-    results = list(slice_results)
-    reported = sorted(int(result["slice"]) for result in results)
-    missing = sorted(set(range(int(plan["slices"]))) - set(reported))
-    refreshed = int(attempts.get("refreshed", 0))
-    failed = int(attempts.get("failed", 0))
-    attempted = refreshed + failed
-    ratio = failed / attempted if attempted else 0.0
-    if ratio > max_failure_ratio:
-        status = "failure_ratio_exceeded"
-    elif missing:
-        status = "incomplete"
-    else:
-        status = "complete"
-    return {
-        "run_date": plan.get("run_date"),
-        "status": status,
-        "as_of": plan.get("as_of"),
-        "remaining_share": plan.get("remaining_share"),
-        # Rows due when the run started; slices may see a few more written meanwhile.
-        "selected": int(plan.get("due", 0)),
-        "selected_by_slices": sum(int(result.get("selected", 0)) for result in results),
-        "refreshed": refreshed,
-        "failed": failed,
-        "failed_by_reason": dict(attempts.get("failed_by_reason", {})),
-        "skipped_consent": sum(int(result.get("skipped_consent", 0)) for result in results),
-        "attempted": attempted,
-        "failure_ratio": round(ratio, 4),
-        "max_failure_ratio": max_failure_ratio,
-        # Envelopes found already expired by this run: conversions of these users are held until
-        # a fresher envelope arrives. By the state they were in: active (nothing refreshed them in
-        # time), refresh_failed, consent_missing (never refreshable).
-        "expired_when_found": int(plan.get("newly_expired", 0)),
-        "expired_when_found_by_state": dict(plan.get("newly_expired_by_state", {})),
-        "requests": sum(int(result.get("requests", 0)) for result in results),
-        "retries": sum(int(result.get("retries", 0)) for result in results),
-        "slices": {"planned": int(plan["slices"]), "reported": len(reported), "missing": missing},
-    }

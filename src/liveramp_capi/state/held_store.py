@@ -1,73 +1,43 @@
-"""Held conversions: events not sent because their envelope had expired, kept to be won back.
+"""The held conversions table (``capi_held_conversions``), next to the delivery ledger.
 
-When every envelope an event could use has expired, the send step does not send it; it records
-it here (``capi_held_conversions`` in the state database, next to the ledger) before any batch
-of its session goes out. From then on this table owns the event: a rerun of its partition skips
-it, and :func:`~liveramp_capi.domain.recovery.recover_held_conversions` delivers it once a live
-envelope for the same user key appears in the envelope store (a later partition brought one, or
-a refresh renewed one), as long as the event is still inside the attribution window.
-
-States: ``held`` (waiting for a fresh envelope) -> ``delivering`` (claimed by one recovery run,
-under a lease) -> ``recovered`` (acknowledged by the adapter), or ``lost`` with a reason (no
-user key to match, the attribution window passed, or the adapter refused it). Each event has a
-fixed recovery batch id, recorded in the delivery ledger under its own partition, so a recovery
-interrupted after the adapter accepted it never sends it again.
-
+What a held conversion is, its states and why it is held: :mod:`liveramp_capi.domain.held`.
 Rows hold the event as it would have been sent (identifiers included): like the envelope store,
 the table is a secret for logs; only counts leave it. Plain SQLAlchemy Core, SQLite or PostgreSQL.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from liveramp_capi.domain.batches import Batch, batch_id_for
-from liveramp_capi.domain.envelopes import envelope_table
-from liveramp_capi.domain.ledger import ensure_component_schema, sanitize_error
+from liveramp_capi.domain.batches import batch_id_for
+from liveramp_capi.domain.held import (
+    DELIVERING,
+    HELD,
+    LOST,
+    REASON_NO_USER_KEY,
+    REASON_WINDOW_PASSED,
+    RECOVERED,
+    STATES,
+    HeldConversion,
+    HeldIndex,
+    event_key,
+    event_type_of,
+)
+from liveramp_capi.domain.redaction import sanitize_error
 from liveramp_capi.domain.sessions import ShardEntry
-from liveramp_capi.domain.statedb import chunked, execute_write, upsert_insert
-
-__all__ = [
-    "DELIVERING",
-    "HELD",
-    "HELD_RECOVERY_FILE",
-    "LOST",
-    "REASON_NO_USER_KEY",
-    "REASON_WINDOW_PASSED",
-    "RECOVERED",
-    "HeldConversion",
-    "HeldConversions",
-    "HeldIndex",
-    "event_key",
-    "held_table",
-]
-
-HELD = "held"
-DELIVERING = "delivering"
-RECOVERED = "recovered"
-LOST = "lost"
-STATES: tuple[str, ...] = (HELD, DELIVERING, RECOVERED, LOST)
-
-REASON_NO_USER_KEY = "no user key: no fresher envelope can be matched to it"
-REASON_WINDOW_PASSED = "attribution window passed before a fresh envelope arrived"
-
-#: The recovery pass's result document, in the folder of the run that made it.
-HELD_RECOVERY_FILE = "held_recovery.json"
+from liveramp_capi.state.database import delete_where_in, execute_write, upsert_insert, write_in_chunks
+from liveramp_capi.state.envelope_rows import envelope_table
+from liveramp_capi.state.migrations import ensure_component_schema, metadata
 
 SCHEMA_COMPONENT = "held_conversions"
 SCHEMA_VERSION = 1
 MAX_REASON_CHARS = 200
 WRITE_CHUNK = 500
-
-metadata = sa.MetaData()
 
 held_table = sa.Table(
     "capi_held_conversions",
@@ -99,79 +69,10 @@ held_table = sa.Table(
 )
 
 
-def event_key(event_type: str, event_id: str) -> str:
-    """The table key of an event: TikTok deduplicates on event name + ``event_id``."""
-    digest = hashlib.blake2b(digest_size=16, person=b"capi-held-v1")
-    for part in (event_type.encode(), event_id.encode()):
-        digest.update(len(part).to_bytes(8, "big"))
-        digest.update(part)
-    return digest.hexdigest()
-
-
-def _event_type(entry: ShardEntry) -> str:
-    value = orjson.loads(entry.event_json).get("event_type")
-    return value if isinstance(value, str) else ""
-
-
-@dataclass(frozen=True, slots=True)
-class HeldConversion:
-    """One held event as claimed for recovery, with the live envelope of its user key.
-
-    :param partition: the partition the event came in.
-    :param event_key: :func:`event_key` of the event.
-    :param event_id: its ``event_id``.
-    :param session_key_hash: its session's key hash (the ledger's shard filter).
-    :param batch_id: its fixed recovery batch id.
-    :param event_json: the event as spilled (secret for logs).
-    :param envelope: the live envelope that replaces its expired one (secret for logs).
-    """
-
-    partition: str
-    event_key: str
-    event_id: str
-    session_key_hash: int
-    batch_id: str
-    event_json: bytes = field(repr=False)
-    envelope: str = field(repr=False)
-
-    def batch(self) -> Batch:
-        """The one-event batch that delivers it, carrying the live envelope."""
-        event = orjson.loads(self.event_json)
-        user_data = event.get("user_data")
-        if isinstance(user_data, dict):
-            user_data["partner_id"] = self.envelope
-        body = b'{"events":[' + orjson.dumps(event) + b"]}"
-        return Batch(self.batch_id, self.session_key_hash, (self.event_id,), body)
-
-
-class HeldIndex:
-    """The held events of one send shard, to tell the send step which entries it no longer owns.
-
-    :param states: ``{event_key: (state, reason)}`` of the shard's held rows.
-    :param event_ids: their ``event_id`` values (only entries with one of these are parsed).
-    """
-
-    def __init__(self, states: dict[str, tuple[str, str | None]], event_ids: set[str] | None = None) -> None:
-        self._states = states
-        self._event_ids = event_ids
-
-    def __len__(self) -> int:
-        return len(self._states)
-
-    def state_of(self, entry: ShardEntry) -> tuple[str, str | None] | None:
-        """``(state, reason)`` when the entry is held (in any state), else None.
-
-        Parses the event only when the shard has held events at all.
-        """
-        if not self._states or (self._event_ids is not None and entry.event_id not in self._event_ids):
-            return None
-        return self._states.get(event_key(_event_type(entry), entry.event_id))
-
-
 class HeldConversions:
     """The held conversions table in the state database.
 
-    :param engine: a SQLite or PostgreSQL engine (see :func:`~liveramp_capi.domain.statedb.make_engine`).
+    :param engine: a SQLite or PostgreSQL engine (see :func:`~liveramp_capi.state.database.make_engine`).
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -201,7 +102,7 @@ class HeldConversions:
         now = int(time.time()) if now is None else int(now)
         rows: dict[str, dict[str, Any]] = {}
         for entry in entries:
-            kind = _event_type(entry)
+            kind = event_type_of(entry)
             key = event_key(kind, entry.event_id)
             rows[key] = {
                 "partition": partition,
@@ -226,8 +127,7 @@ class HeldConversions:
             index_elements=[held_table.c.partition, held_table.c.event_key]
         )
         ordered = [rows[key] for key in sorted(rows)]
-        for chunk in chunked(ordered, WRITE_CHUNK):
-            self._execute(statement, list(chunk))
+        write_in_chunks(self.engine, statement, ordered, WRITE_CHUNK)
         return len(ordered)
 
     def shard_index(self, partition: str, shard: int, shard_count: int) -> HeldIndex:
@@ -356,7 +256,7 @@ class HeldConversions:
             .values(**values)
         )
         rows = [{"p": p, "k": k} for p, k in sorted(set(keys))]
-        return sum(self._execute(statement, list(chunk)) for chunk in chunked(rows, WRITE_CHUNK)) if rows else 0
+        return write_in_chunks(self.engine, statement, rows, WRITE_CHUNK)
 
     def mark_recovered(
         self, token: str, items: Iterable[HeldConversion], *, now: int, run_id: str | None
@@ -397,8 +297,4 @@ class HeldConversions:
 
     def forget(self, user_keys: Iterable[str]) -> int:
         """Delete the held events of these user keys (data subject erasure); return rows deleted."""
-        keys = sorted(set(user_keys))
-        deleted = 0
-        for chunk in chunked(keys, WRITE_CHUNK):
-            deleted += self._execute(sa.delete(held_table).where(held_table.c.user_key.in_(list(chunk))))
-        return deleted
+        return delete_where_in(self.engine, held_table.c.user_key, user_keys, WRITE_CHUNK)

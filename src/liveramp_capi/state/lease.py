@@ -29,13 +29,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from liveramp_capi.domain.ledger import ensure_component_schema
-from liveramp_capi.domain.statedb import SQLITE_BEGIN_IMMEDIATE, upsert_insert
+from liveramp_capi.state.database import SQLITE_BEGIN_IMMEDIATE, upsert_insert
+from liveramp_capi.state.migrations import ensure_component_schema, metadata
 
 SCHEMA_COMPONENT = "partition_lease"
 SCHEMA_VERSION = 1
-
-metadata = sa.MetaData()
 
 lease_table = sa.Table(
     "capi_partition_lease",
