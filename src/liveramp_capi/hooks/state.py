@@ -55,15 +55,8 @@ class CapiStateHook(BaseHook):
         explicit = conn.extra_dejson.get("sqlalchemy_url")
         if explicit:
             return str(explicit)
-        return connection_url(
-            self.capi_state_conn_id,
-            conn.conn_type,
-            conn.host,
-            port=conn.port,
-            login=conn.login,
-            password=conn.password,
-            database=conn.schema,
-        )
+        return connection_url(self.capi_state_conn_id, conn.conn_type, conn.host, port=conn.port,
+                              login=conn.login, password=conn.password, database=conn.schema)
 
     def get_engine(self) -> Engine:
         """Return the state database engine (created once per hook)."""

@@ -34,14 +34,11 @@ from liveramp_capi.state.database import delete_where_in, execute_write, upsert_
 from liveramp_capi.state.envelope_rows import envelope_table
 from liveramp_capi.state.migrations import ensure_component_schema, metadata
 
-SCHEMA_COMPONENT = "held_conversions"
-SCHEMA_VERSION = 1
 MAX_REASON_CHARS = 200
 WRITE_CHUNK = 500
 
 held_table = sa.Table(
-    "capi_held_conversions",
-    metadata,
+    "capi_held_conversions", metadata,
     sa.Column("partition", sa.String(32), primary_key=True),
     # TikTok's deduplication key (event_type + event_id), hashed to a fixed width.
     sa.Column("event_key", sa.String(32), primary_key=True),
@@ -67,6 +64,9 @@ held_table = sa.Table(
     sa.Index("ix_capi_held_conversions_state_user", "state", "user_key"),
     sa.Index("ix_capi_held_conversions_claim", "claim_token"),
 )
+
+SCHEMA_COMPONENT = "held_conversions"
+SCHEMA_VERSION = 1
 
 
 class HeldConversions:

@@ -32,13 +32,8 @@ ACKNOWLEDGED = "acknowledged"
 FAILED = "failed"
 STATES: tuple[str, ...] = (IN_FLIGHT, ACKNOWLEDGED, FAILED)
 
-#: Name and version of this component's tables in ``capi_schema_version``.
-SCHEMA_COMPONENT = "delivery_ledger"
-SCHEMA_VERSION = 1
-
 ledger_table = sa.Table(
-    "capi_delivery_ledger",
-    metadata,
+    "capi_delivery_ledger", metadata,
     # A day (YYYY-MM-DD) or an hour (YYYY-MM-DDTHH), with room to spare.
     sa.Column("partition", sa.String(32), primary_key=True),
     sa.Column("batch_id", sa.String(32), primary_key=True),
@@ -58,6 +53,10 @@ ledger_table = sa.Table(
     ),
     sa.Index("ix_capi_delivery_ledger_partition_state", "partition", "state"),
 )
+
+#: Name and version of this component's tables in ``capi_schema_version``.
+SCHEMA_COMPONENT = "delivery_ledger"
+SCHEMA_VERSION = 1
 
 _T = TypeVar("_T")
 
