@@ -60,7 +60,7 @@ def test_envelope_health_matches_the_rows(engine):
         for n, consent in enumerate([california, tcf, None] * 30)
     ]
     store.upsert(records, now=NOW)
-    store.mark_expired(now=NOW)
+    store.mark_expired_by_state(now=NOW)
     health = reads.envelope_health(engine, now=NOW, remaining_share=1 / 3)
 
     with engine.connect() as connection:

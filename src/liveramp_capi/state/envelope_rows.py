@@ -48,6 +48,9 @@ envelope_table = sa.Table(
     sa.Index("ix_capi_envelope_store_attempt", "last_refresh_attempt_at"),
 )
 
+#: What a newer record replaces in its user key's row: everything but the key.
+REPLACED_ON_UPSERT = tuple(column.name for column in envelope_table.columns if column.name not in ("user_key", "user_key_hash"))
+
 #: Which lifetime rule the store's expiries were computed with (one row).
 lifetime_rule_table = sa.Table(
     "capi_envelope_lifetime_rule",

@@ -50,6 +50,7 @@ from liveramp_capi.state.database import (
 )
 from liveramp_capi.state.envelope_rows import (
     MAX_REASON_CHARS,
+    REPLACED_ON_UPSERT,
     applied_lifetime_rule,
     apply_lifetime_rule,
     envelope_table,
@@ -83,7 +84,6 @@ class EnvelopeStore:
 
     def __init__(self, engine: Engine, lifetime_rule: LifetimeRule = LifetimeRule.CONSERVATIVE) -> None:
         self.engine = engine
-        self.dialect = engine.dialect.name
         self.lifetime_rule = LifetimeRule(lifetime_rule)
         self._insert = upsert_insert(engine)
 
@@ -149,36 +149,12 @@ class EnvelopeStore:
         )
         statement = statement.on_conflict_do_update(
             index_elements=[table.c.user_key],
-            set_={
-                name: getattr(excluded, name)
-                for name in (
-                    "envelope",
-                    "issued_at",
-                    "expires_at",
-                    "consent_ct",
-                    "consent_cv",
-                    "consent_gpp",
-                    "consent_gpp_sid",
-                    "client_ip",
-                    "state",
-                    "reason",
-                    "refresh_failures",
-                    "updated_at",
-                    "last_refresh_attempt_at",
-                )
-            },
+            set_={name: getattr(excluded, name) for name in REPLACED_ON_UPSERT},
             where=newer,
         )
         for chunk in chunked(newest, WRITE_CHUNK):
             self._execute(statement, [record_row(record, now, self.lifetime_rule) for record in chunk])
         return len(newest)
-
-    def mark_expired(self, *, now: int | None = None) -> int:
-        """Set ``state='expired'`` on rows whose envelope has expired; return how many changed.
-
-        :param now: the current Unix time.
-        """
-        return sum(self.mark_expired_by_state(now=now).values())
 
     def mark_expired_by_state(self, *, now: int | None = None) -> dict[str, int]:
         """Mark expired rows, counted by the state they were found in.
