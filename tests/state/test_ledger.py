@@ -245,7 +245,7 @@ def test_rerun_after_crash(ledger: DeliveryLedger) -> None:
             return [b for b in items if b.session_key_hash % shard_count == shard]
 
         assert ledger.unresolved_batches(P, shard, shard_count) == sorted(b.batch_id for b in mine(unknown))
-        assert ledger.acknowledged_batch_ids(P, shard, shard_count) == {b.batch_id for b in mine(acked)}
+        assert set(ledger.acknowledged_batch_runs(P, shard, shard_count)) == {b.batch_id for b in mine(acked)}
     assert sum(len(ledger.unresolved_batches(P, s, shard_count)) for s in range(shard_count)) == len(unknown)
 
     # Run 2 resolves the unknown ones.
@@ -269,7 +269,7 @@ def test_shard_filter_with_extreme_hashes(ledger: DeliveryLedger) -> None:
     for shard_count in (1, 3, 7, 256):
         for shard in range(shard_count):
             expected = {b.batch_id for b in batches if b.session_key_hash % shard_count == shard}
-            assert ledger.acknowledged_batch_ids(P, shard, shard_count) == expected
+            assert set(ledger.acknowledged_batch_runs(P, shard, shard_count)) == expected
     with pytest.raises(ValueError):
         ledger.unresolved_batches(P, 3, 3)
 
@@ -367,7 +367,7 @@ def test_thousand_row_upserts_are_fast(ledger: DeliveryLedger, capsys: pytest.Ca
             "record_failed",
             lambda: ledger.record_failed(P, [(b, 2, 503, "HTTP 503") for b in batches[500:]], "run"),
         ),
-        ("acknowledged_batch_ids", lambda: ledger.acknowledged_batch_ids(P, 0, 1)),
+        ("acknowledged_batch_runs", lambda: ledger.acknowledged_batch_runs(P, 0, 1)),
     ):
         started = time.perf_counter()
         call()

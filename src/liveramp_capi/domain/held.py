@@ -96,9 +96,6 @@ class HeldIndex:
         self._states = states
         self._event_ids = event_ids
 
-    def __len__(self) -> int:
-        return len(self._states)
-
     def state_of(self, entry: ShardEntry) -> tuple[str, str | None] | None:
         """``(state, reason)`` when the entry is held (in any state), else None.
 

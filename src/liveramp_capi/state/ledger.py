@@ -108,15 +108,6 @@ class DeliveryLedger:
             (table.c.session_key_hash % shard_count) == shard,
         )
 
-    def acknowledged_batch_ids(self, partition: str, shard: int, shard_count: int) -> set[str]:
-        """Return the ids of the shard's acknowledged batches.
-
-        :param partition: partition name.
-        :param shard: shard index, ``0..shard_count-1``.
-        :param shard_count: the partition's shard count.
-        """
-        return set(self._batch_ids(partition, shard, shard_count, ACKNOWLEDGED))
-
     def acknowledged_batch_runs(self, partition: str, shard: int, shard_count: int) -> dict[str, str | None]:
         """Return ``{batch_id: run_id}`` for the shard's acknowledged batches (who got the acknowledgement).
 
