@@ -131,7 +131,7 @@ class HeldConversions:
         return len(ordered)
 
     def shard_index(self, partition: str, shard: int, shard_count: int) -> HeldIndex:
-        """The held rows of one send shard (any state), for :meth:`HeldIndex.state_of`.
+        """The held rows of one send shard (any state), for :meth:`~liveramp_capi.domain.held.HeldIndex.state_of`.
 
         :param partition: the partition name.
         :param shard: shard index, ``0..shard_count-1``.
