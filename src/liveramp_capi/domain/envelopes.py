@@ -153,6 +153,7 @@ class StoredEnvelope:
 
 
 def live_state(expires_at: int, consent: Consent | None, now: int) -> str:
+    """A stored envelope's state from its expiry: expired, else refreshable only with consent."""
     return EXPIRED if expires_at <= now else (ACTIVE if consent else CONSENT_MISSING)
 
 
