@@ -46,9 +46,9 @@ def build(
     workdir: Path, ledger_rows: int, envelopes: int, big_partition_rows: int, seed: int = 11
 ) -> tuple[str, Path, list[str]]:
     """Write the state database and the summaries; return (state URL, output folder, partitions)."""
-    from liveramp_capi.domain.envelopes import EnvelopeStore
-    from liveramp_capi.domain.ledger import DeliveryLedger
-    from liveramp_capi.domain.statedb import make_engine
+    from liveramp_capi.state.database import make_engine
+    from liveramp_capi.state.envelope_store import EnvelopeStore
+    from liveramp_capi.state.ledger import DeliveryLedger
 
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -114,9 +114,9 @@ def measure(workdir: Path, ledger_rows: int, envelopes: int, big_partition_rows:
 
     from liveramp_capi.console import reads
     from liveramp_capi.console.summaries import OutputRoot
-    from liveramp_capi.domain.envelopes import DEFAULT_REFRESH_REMAINING_SHARE
-    from liveramp_capi.domain.ledger import ledger_table
-    from liveramp_capi.domain.statedb import make_engine
+    from liveramp_capi.state.database import make_engine
+    from liveramp_capi.state.envelope_store import DEFAULT_REFRESH_REMAINING_SHARE
+    from liveramp_capi.state.ledger import ledger_table
 
     url, output, partitions = build(workdir, ledger_rows, envelopes, big_partition_rows)
     engine = make_engine(url)

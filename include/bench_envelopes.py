@@ -32,16 +32,11 @@ from typing import Any
 
 import orjson
 
-from liveramp_capi.domain.consent import Consent, LifetimeRule, lifetime_seconds
-from liveramp_capi.domain.envelopes import (
-    DAY_SECONDS,
-    EnvelopeRecord,
-    EnvelopeStore,
-    RefreshResult,
-    resolve_session,
-)
+from liveramp_capi.domain.consent import DAY_SECONDS, Consent, LifetimeRule, lifetime_seconds
+from liveramp_capi.domain.envelopes import EnvelopeRecord, RefreshResult, resolve_session
 from liveramp_capi.domain.sessions import Session, ShardEntry, key_hash
-from liveramp_capi.domain.statedb import make_engine
+from liveramp_capi.state.database import make_engine
+from liveramp_capi.state.envelope_store import EnvelopeStore
 
 HOUR = 3600
 T0 = 1_798_761_600  # 2027-01-01 00:00 UTC: any fixed day; the store is driven with explicit times

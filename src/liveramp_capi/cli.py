@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 
 def _forget_identity(args: argparse.Namespace) -> int:
-    from liveramp_capi.domain.statedb import StateDatabaseUnavailable, check_reachable
     from liveramp_capi.hooks.state import CapiStateHook
+    from liveramp_capi.state.database import StateDatabaseUnavailable, check_reachable
 
     keys: list[str] = [key for key in args.user_key if key]
     if args.user_keys_file:

@@ -13,9 +13,12 @@ import pytest
 import sqlalchemy as sa
 
 from liveramp_capi.console import reads
-from liveramp_capi.domain.envelopes import Consent, EnvelopeRecord, EnvelopeStore, envelope_table
-from liveramp_capi.domain.ledger import DeliveryLedger, ledger_table
-from liveramp_capi.domain.statedb import make_engine
+from liveramp_capi.domain.consent import Consent
+from liveramp_capi.domain.envelopes import EnvelopeRecord
+from liveramp_capi.state.database import make_engine
+from liveramp_capi.state.envelope_rows import envelope_table
+from liveramp_capi.state.envelope_store import EnvelopeStore
+from liveramp_capi.state.ledger import DeliveryLedger, ledger_table
 
 NOW = 1_764_547_200
 DAY = 86_400
@@ -57,7 +60,7 @@ def test_envelope_health_matches_the_rows(engine):
         for n, consent in enumerate([california, tcf, None] * 30)
     ]
     store.upsert(records, now=NOW)
-    store.mark_expired(now=NOW)
+    store.mark_expired_by_state(now=NOW)
     health = reads.envelope_health(engine, now=NOW, remaining_share=1 / 3)
 
     with engine.connect() as connection:

@@ -16,7 +16,8 @@ from liveramp_capi.delivery.refresh import (
     parse_refresh_body,
 )
 from liveramp_capi.delivery.settings import CapiConfigError, CapiSettings
-from liveramp_capi.domain.envelopes import Consent, StoredEnvelope
+from liveramp_capi.domain.consent import Consent
+from liveramp_capi.domain.envelopes import StoredEnvelope
 
 NOW = 1_790_000_000
 TCF = Consent(ct=4, cv="CPXxRfAPXxRfAAfKABENB-CgAAAAAAAAAAYgAAAAAAAA")

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import copy
-import socket
-import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
-from sqlalchemy.engine import Engine
 
 from liveramp_capi.domain.schema import EventSchemaValidator
-from liveramp_capi.domain.statedb import make_engine
-
-PG_HOST, PG_PORT = "127.0.0.1", 5432
-PG_ADMIN_URL = f"postgresql+psycopg://postgres@{PG_HOST}:{PG_PORT}/postgres"
 
 ENVELOPE_WEB = (
     "AgNTagi_Y2T6eSlK9l3X7uJ11ib8QP2RXvpd2id5wnpjZBOvMGlVDhKsr2MrYrG6iDQHE7Gzlfx-"
@@ -185,43 +176,3 @@ def schema_validator() -> EventSchemaValidator:
 @pytest.fixture
 def secret_values() -> tuple[str, ...]:
     return SECRET_VALUES
-
-
-def _pg_reachable() -> bool:
-    try:
-        with socket.create_connection((PG_HOST, PG_PORT), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    """One throw-away PostgreSQL database for a test module, dropped afterwards."""
-    if not _pg_reachable():
-        pytest.skip(f"PostgreSQL is unreachable on {PG_HOST}:{PG_PORT}")
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"capi_domaintest_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    yield f"postgresql://postgres@{PG_HOST}:{PG_PORT}/{name}"
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.dispose()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def state_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    """An empty state database: an SQLite file, or the module's PostgreSQL database emptied."""
-    if request.param == "sqlite":
-        engine = make_engine(f"sqlite:///{tmp_path / 'state.db'}")
-    else:
-        engine = make_engine(request.getfixturevalue("pg_url"))
-        with engine.begin() as connection:
-            names = connection.execute(
-                sa.text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE 'capi_%'")
-            ).scalars().all()
-            for name in names:
-                connection.exec_driver_sql(f'DROP TABLE IF EXISTS "{name}" CASCADE')
-    yield engine
-    engine.dispose()

@@ -141,7 +141,7 @@ def test_unreachable_state_database_stops_send_before_anything_is_sent(standin, 
 def test_locked_state_database_stops_send_before_anything_is_sent(standin, tmp_path, monkeypatch):
     from airflow.sdk.exceptions import AirflowException
 
-    import liveramp_capi.domain.statedb as statedb
+    import liveramp_capi.state.database as statedb
 
     partition = yesterday()
     _prepare_send(tmp_path, monkeypatch, standin, partition)

@@ -11,17 +11,10 @@ from pathlib import Path
 import pytest
 from conversions_run import configure_pipeline, output_json, output_jsonl, run_conversions, yesterday
 
-from liveramp_capi.domain.envelopes import (
-    ACTIVE,
-    CONSENT_MISSING,
-    DAY_SECONDS,
-    EXPIRED,
-    REFRESH_FAILED,
-    Consent,
-    EnvelopeRecord,
-    EnvelopeStore,
-)
-from liveramp_capi.domain.statedb import make_engine
+from liveramp_capi.domain.consent import DAY_SECONDS, Consent
+from liveramp_capi.domain.envelopes import ACTIVE, CONSENT_MISSING, EXPIRED, REFRESH_FAILED, EnvelopeRecord
+from liveramp_capi.state.database import make_engine
+from liveramp_capi.state.envelope_store import EnvelopeStore
 
 pytestmark = pytest.mark.airflow
 

@@ -138,7 +138,7 @@ def test_two_runs_of_one_partition_started_together_deliver_every_event_once(
 
 def test_a_run_takes_over_the_claim_of_a_run_that_ended(airflow_db, standin, tmp_path, monkeypatch):
     """A claim left behind by a finished run (its report never released it) does not block the next."""
-    from liveramp_capi.domain.statedb import make_engine
+    from liveramp_capi.state.database import make_engine
     from liveramp_capi.state.lease import PartitionLease
 
     partition = yesterday()

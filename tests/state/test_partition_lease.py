@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
 
-from liveramp_capi.domain.statedb import make_engine
 from liveramp_capi.state.lease import LeaseKeeper, PartitionHeld, PartitionLease, lease_table
 
 P = "2026-11-20"
@@ -25,15 +23,10 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/state.db"
-    else:
-        url = request.getfixturevalue("pg_database_factory")()
-    engine = make_engine(url)
-    yield engine
-    engine.dispose()
+@pytest.fixture
+def engine(state_engine: sa.Engine) -> sa.Engine:
+    """An empty state database (``tests/state/conftest.py``), both backends."""
+    return state_engine
 
 
 @pytest.fixture

@@ -25,8 +25,8 @@ from liveramp_capi.console import reads, runs
 from liveramp_capi.console.partitions import daily_series, partition_detail, partition_rows, task_detail
 from liveramp_capi.console.plugin import URL_PREFIX
 from liveramp_capi.console.summaries import OutputRoot
-from liveramp_capi.domain.envelopes import DEFAULT_REFRESH_REMAINING_SHARE
 from liveramp_capi.domain.partition import InvalidPartition, parse_partition
+from liveramp_capi.state.envelope_store import DEFAULT_REFRESH_REMAINING_SHARE
 
 STATE_CONN_ID = "capi_state_default"
 _STATIC = {"console.js": "text/javascript", "console.css": "text/css", "icon.svg": "image/svg+xml"}
@@ -75,7 +75,7 @@ def envelope_health(engine: Engine, remaining_share: float) -> dict[str, Any]:
 
 @lru_cache(maxsize=4)
 def _engine(url: str) -> Engine:
-    from liveramp_capi.domain.statedb import make_engine
+    from liveramp_capi.state.database import make_engine
 
     return make_engine(url)
 

@@ -14,8 +14,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from liveramp_capi.domain.envelopes import CONSENT_MISSING, DAY_SECONDS, EXPIRED, envelope_table
-from liveramp_capi.domain.ledger import STATES, ledger_table, sanitize_error
+from liveramp_capi.domain.consent import DAY_SECONDS
+from liveramp_capi.domain.envelopes import CONSENT_MISSING, EXPIRED
+from liveramp_capi.domain.redaction import sanitize_error
+from liveramp_capi.state.envelope_rows import envelope_table
+from liveramp_capi.state.ledger import STATES, ledger_table
 
 #: Width of one bar of the envelope age histogram, in days.
 AGE_BUCKET_DAYS = 5

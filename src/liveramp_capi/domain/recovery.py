@@ -13,32 +13,64 @@ upserts the partition's fresh envelopes) and by the envelope refresh DAG after r
    ledger ``acknowledged`` then ``recovered``; refused for good -> ``lost`` with the refusal;
    anything else goes back to ``held`` for a later pass.
 
-Plain Python: the caller passes the sending function (the CAPI hook's ``send_batches``).
+Plain Python: the caller passes the stores (:mod:`liveramp_capi.state`, through the protocols
+below) and the sending function (the CAPI hook's ``send_batches``).
 """
 
 from __future__ import annotations
 
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 from liveramp_capi.domain.batches import Batch
-from liveramp_capi.domain.held import REASON_WINDOW_PASSED, HeldConversion, HeldConversions
-from liveramp_capi.domain.ledger import DeliveryLedger
+from liveramp_capi.domain.held import REASON_WINDOW_PASSED, HeldConversion
 
-__all__ = ["SendBatches", "recover_held_conversions"]
+__all__ = ["HeldQueue", "Ledger", "SendBatches", "recover_held_conversions"]
 
 #: ``send(batches, on_outcome) -> stats``: the CAPI hook's ``send_batches``.
 SendBatches = Callable[[Iterable[Batch], Callable[[Any, Any], None]], Any]
+
+
+class HeldQueue(Protocol):
+    """What a pass needs of the held conversions table (:class:`~liveramp_capi.state.held_store.HeldConversions`)."""
+
+    def expire_past_window(self, *, now: int, window_seconds: int, lease_seconds: int = ...) -> int: ...
+
+    def claim_recoverable(
+        self, *, token: str, now: int, window_seconds: int, limit: int = ..., lease_seconds: int = ...
+    ) -> list[HeldConversion]: ...
+
+    def mark_recovered(self, token: str, items: Iterable[HeldConversion], *, now: int, run_id: str | None) -> int: ...
+
+    def release(self, token: str, items: Iterable[HeldConversion], *, now: int) -> int: ...
+
+    def mark_lost(self, token: str, items: Iterable[HeldConversion], reason: str, *, now: int) -> int: ...
+
+
+class Ledger(Protocol):
+    """What a pass needs of the delivery ledger (:class:`~liveramp_capi.state.ledger.DeliveryLedger`)."""
+
+    def acknowledged_among(self, partition: str, batch_ids: Iterable[str]) -> set[str]: ...
+
+    def mark_in_flight(self, partition: str, batches: Sequence[Batch], run_id: str | None) -> None: ...
+
+    def record_acknowledged(
+        self, partition: str, batches_with_attempts: Sequence[tuple[Batch, int]], run_id: str | None
+    ) -> None: ...
+
+    def record_failed(
+        self, partition: str, failures: Sequence[tuple[Batch, int, int | None, str]], run_id: str | None
+    ) -> None: ...
 
 #: Outcomes written to the ledger and the held table per call.
 _FLUSH_EVERY = 256
 
 
 def recover_held_conversions(
-    held: HeldConversions,
-    ledger: DeliveryLedger,
+    held: HeldQueue,
+    ledger: Ledger,
     send: SendBatches,
     *,
     now: int,
@@ -82,7 +114,7 @@ def recover_held_conversions(
         _deliver_page(held, ledger, send, token, fresh, now, run_id, counts, lost_reasons)
         if len(claimed) < page_size:
             break
-    result = {name: int(counts[name]) for name in (
+    result: dict[str, Any] = {name: int(counts[name]) for name in (
         "claimed", "recovered", "recovered_already_acknowledged", "lost_window_passed", "lost_refused",
         "released", "requests", "retries")}
     result["lost_by_reason"] = dict(sorted(lost_reasons.items()))
@@ -90,8 +122,8 @@ def recover_held_conversions(
 
 
 def _deliver_page(
-    held: HeldConversions,
-    ledger: DeliveryLedger,
+    held: HeldQueue,
+    ledger: Ledger,
     send: SendBatches,
     token: str,
     items: list[HeldConversion],

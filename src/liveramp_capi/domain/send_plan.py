@@ -86,7 +86,7 @@ def plan_session(
         ledger run id that acknowledged them (``<run_id>#<try>``).
     :param this_run: the ledger run id prefix of this run (``<run_id>#``): batches it acknowledged
         in an earlier try count as this run's deliveries, not an earlier run's.
-    :param held: the shard's held events (:meth:`HeldConversions.shard_index`).
+    :param held: the shard's held events (:meth:`~liveramp_capi.state.held_store.HeldConversions.shard_index`).
     """
     plan = SessionPlan()
     entries = session.entries

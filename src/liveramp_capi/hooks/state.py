@@ -1,26 +1,25 @@
-"""Airflow hook for the pipeline's state database (the delivery ledger).
+"""Airflow hook for the pipeline's state database (ledger, envelope store, held conversions).
 
 The state database is either an SQLite file (the embedded default: the connection's host is
-the file path) or PostgreSQL. The hook only maps the Airflow Connection to a SQLAlchemy URL;
-everything else lives in :mod:`liveramp_capi.domain`.
+the file path) or PostgreSQL. The hook only reads the Airflow Connection and turns database
+failures into task failures; everything else lives in :mod:`liveramp_capi.state`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
-from urllib.parse import quote
 
 from airflow.sdk import BaseHook
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from sqlalchemy.engine import Engine
 
 from liveramp_capi.domain.consent import LifetimeRule
-from liveramp_capi.domain.envelopes import EnvelopeStore
-from liveramp_capi.domain.held import HeldConversions
-from liveramp_capi.domain.ledger import DeliveryLedger
-from liveramp_capi.domain.statedb import make_engine
-
-_SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+from liveramp_capi.state.database import StateDatabaseUnavailable, connection_url, make_engine, opened
+from liveramp_capi.state.envelope_store import EnvelopeStore
+from liveramp_capi.state.held_store import HeldConversions
+from liveramp_capi.state.ledger import DeliveryLedger
 
 
 class CapiStateHook(BaseHook):
@@ -49,46 +48,37 @@ class CapiStateHook(BaseHook):
     def sqlalchemy_url(self) -> str:
         """Return the SQLAlchemy URL the connection describes.
 
-        ``extra.sqlalchemy_url`` wins. Type ``sqlite`` maps to ``sqlite:///<host>``; types
-        ``postgres``/``postgresql`` map to ``postgresql+psycopg://...``; type ``capi_state`` is
-        SQLite when the host looks like a file (absolute path or ``.db`` suffix, no port) and
-        PostgreSQL otherwise.
+        ``extra.sqlalchemy_url`` wins; otherwise the fields map as
+        :func:`~liveramp_capi.state.database.connection_url` says (SQLite file or PostgreSQL).
         """
         conn = self.get_connection(self.capi_state_conn_id)
         explicit = conn.extra_dejson.get("sqlalchemy_url")
         if explicit:
             return str(explicit)
-        conn_type = (conn.conn_type or "").lower()
-        host = conn.host or ""
-        if conn_type == "sqlite" or (
-            conn_type in ("capi_state", "")
-            and not conn.port
-            and (host.startswith("/") or host.endswith(_SQLITE_SUFFIXES))
-        ):
-            if not host:
-                raise ValueError(f"connection {self.capi_state_conn_id!r} names no SQLite file path (host)")
-            return f"sqlite:///{host}"
-        if conn_type in ("postgres", "postgresql", "capi_state", ""):
-            if not host:
-                raise ValueError(f"connection {self.capi_state_conn_id!r} names no database host")
-            credentials = ""
-            if conn.login:
-                credentials = quote(conn.login, safe="")
-                if conn.password:
-                    credentials += ":" + quote(conn.password, safe="")
-                credentials += "@"
-            port = f":{conn.port}" if conn.port else ""
-            database = quote(conn.schema or "", safe="")
-            return f"postgresql+psycopg://{credentials}{host}{port}/{database}"
-        raise ValueError(
-            f"connection {self.capi_state_conn_id!r} has type {conn_type!r}; expected capi_state, sqlite or postgres"
-        )
+        return connection_url(self.capi_state_conn_id, conn.conn_type, conn.host, port=conn.port,
+                              login=conn.login, password=conn.password, database=conn.schema)
 
     def get_engine(self) -> Engine:
         """Return the state database engine (created once per hook)."""
         if self._engine is None:
             self._engine = make_engine(self.sqlalchemy_url())
         return self._engine
+
+    @contextmanager
+    def opened(self, nothing_done: str) -> Iterator[None]:
+        """Check that the state database answers, then fail the block's database errors alike.
+
+        Wrap the opening of the components a task needs (``get_ledger()``...): an unreachable or
+        unusable database fails the task retryably with ``state database unavailable, nothing
+        <nothing_done>: ...`` (host and database named, never the password).
+
+        :param nothing_done: what the task did not do, e.g. ``"sent"``.
+        """
+        try:
+            with opened(self.get_engine()):
+                yield
+        except StateDatabaseUnavailable as err:
+            raise AirflowException(f"state database unavailable, nothing {nothing_done}: {err}") from None
 
     def get_ledger(self) -> DeliveryLedger:
         """Return the delivery ledger, its schema created if missing."""

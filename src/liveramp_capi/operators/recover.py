@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException
 
 from liveramp_capi.operators.config_errors import permanent_config_errors
 
@@ -71,11 +71,10 @@ class RecoverHeldConversionsOperator(BaseOperator):
 
         from airflow.sdk import ObjectStoragePath
 
-        from liveramp_capi.domain.envelopes import DAY_SECONDS
+        from liveramp_capi.domain.consent import DAY_SECONDS
         from liveramp_capi.domain.held import HELD_RECOVERY_FILE
         from liveramp_capi.domain.partition import PartitionLayout, check_root, parse_partition, run_key
         from liveramp_capi.domain.recovery import recover_held_conversions
-        from liveramp_capi.domain.statedb import StateDatabaseUnavailable, check_reachable
         from liveramp_capi.hooks.capi import LiveRampCapiHook
         from liveramp_capi.hooks.state import CapiStateHook
         from liveramp_capi.operators.config_errors import setting_flag
@@ -93,13 +92,10 @@ class RecoverHeldConversionsOperator(BaseOperator):
         with permanent_config_errors():
             target = ObjectStoragePath(check_root(self.output_root, name="capi_output_root")) / folder
         state = CapiStateHook(capi_state_conn_id=self.capi_state_conn_id)
-        try:
-            check_reachable(state.get_engine())
-        except StateDatabaseUnavailable as err:
-            raise AirflowException(f"state database unavailable, nothing recovered: {err}") from None
-        ledger = state.get_ledger()
-        state.get_envelope_store()  # recovery reads the store's live envelopes
-        held = state.get_held_conversions()
+        with permanent_config_errors(self.capi_state_conn_id), state.opened("recovered"):
+            ledger = state.get_ledger()
+            state.get_envelope_store()  # recovery reads the store's live envelopes
+            held = state.get_held_conversions()
         capi = LiveRampCapiHook(liveramp_capi_conn_id=self.liveramp_capi_conn_id)
 
         run_id = f"{context['run_id']}#{context['ti'].try_number}"

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException
 
 from liveramp_capi import metrics
 from liveramp_capi.operators.config_errors import permanent_config_errors
@@ -77,16 +77,11 @@ def _as_float(name: str, value: Any, low: float, high: float) -> float:
 
 
 def _store(conn_id: str) -> Any:
-    from liveramp_capi.domain.statedb import StateDatabaseUnavailable, check_reachable
     from liveramp_capi.hooks.state import CapiStateHook
 
     hook = CapiStateHook(capi_state_conn_id=conn_id)
-    try:
-        with permanent_config_errors(conn_id):
-            check_reachable(hook.get_engine())
-    except StateDatabaseUnavailable as err:
-        raise AirflowException(f"state database unavailable, nothing refreshed: {err}") from None
-    return hook.get_envelope_store()
+    with permanent_config_errors(conn_id), hook.opened("refreshed"):
+        return hook.get_envelope_store()
 
 
 class PlanEnvelopeRefreshOperator(BaseOperator):
@@ -336,8 +331,8 @@ class ReportEnvelopeRefreshOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         import json
 
-        from liveramp_capi.domain.envelopes import build_refresh_summary
         from liveramp_capi.domain.held import HELD_RECOVERY_FILE
+        from liveramp_capi.domain.refresh_summary import build_refresh_summary
 
         max_ratio = _as_float("max_failure_ratio", self.max_failure_ratio, 0, 1)
         with permanent_config_errors():

@@ -73,9 +73,6 @@ class SendConversionsOperator(BaseOperator):
         self.dry_run = dry_run  # type: ignore[method-assign,assignment]
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from sqlalchemy.exc import SQLAlchemyError
-
-        from liveramp_capi.domain.statedb import StateDatabaseUnavailable, _scrub, check_reachable, describe
         from liveramp_capi.hooks.capi import LiveRampCapiHook
         from liveramp_capi.hooks.state import CapiStateHook
         from liveramp_capi.operators.config_errors import setting_flag
@@ -91,21 +88,10 @@ class SendConversionsOperator(BaseOperator):
 
         # Nothing is sent without a ledger: an unreachable state database stops the task here.
         state = CapiStateHook(capi_state_conn_id=self.capi_state_conn_id)
-        try:
-            with permanent_config_errors(self.capi_state_conn_id):
-                check_reachable(state.get_engine())
+        with permanent_config_errors(self.capi_state_conn_id), state.opened("sent"):
             ledger = state.get_ledger()
             envelope_store = state.get_envelope_store()
             held = state.get_held_conversions()
-        except StateDatabaseUnavailable as err:
-            raise AirflowException(f"state database unavailable, nothing sent: {err}") from None
-        except SQLAlchemyError as err:
-            # Reachable but unusable (e.g. SQLite locked by another process past the busy timeout).
-            engine = state.get_engine()
-            detail = _scrub(str(getattr(err, "orig", None) or err), engine.url)
-            raise AirflowException(
-                f"state database unavailable, nothing sent: {describe(engine)}: {type(err).__name__} ({detail})"
-            ) from None
 
         capi = LiveRampCapiHook(liveramp_capi_conn_id=self.liveramp_capi_conn_id)
         with permanent_config_errors(self.liveramp_capi_conn_id):

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException
 
 from liveramp_capi import metrics
 from liveramp_capi.operators.config_errors import permanent_config_errors, setting_number
@@ -113,7 +113,6 @@ class ValidateConversionsOperator(BaseOperator):
         return ratio, age, custom, now
 
     def execute(self, context: Any) -> list[int]:
-        from liveramp_capi.domain.statedb import StateDatabaseUnavailable, check_reachable
         from liveramp_capi.hooks.state import CapiStateHook
         from liveramp_capi.operators.config_errors import setting_flag
         from liveramp_capi.operators.partition_claim import holding_partition
@@ -125,12 +124,8 @@ class ValidateConversionsOperator(BaseOperator):
             storage = PartitionStorage(self.landing_root, self.output_root, self.partition, context["run_id"])
         layout = storage.layout
         state = CapiStateHook(capi_state_conn_id=self.capi_state_conn_id)
-        try:
-            with permanent_config_errors(self.capi_state_conn_id):
-                check_reachable(state.get_engine())
+        with permanent_config_errors(self.capi_state_conn_id), state.opened("validated"):
             envelope_store = state.get_envelope_store()
-        except StateDatabaseUnavailable as err:
-            raise AirflowException(f"state database unavailable, nothing validated: {err}") from None
         with holding_partition(state, storage.partition, context) as claim:
             shards = self._validate(storage, envelope_store, max_ratio, max_age_days, allow_custom, now, dry_run)
             # rejected.jsonl is replaced only while this run owns the partition.

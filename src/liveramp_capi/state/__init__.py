@@ -1,1 +1,2 @@
-"""Persistence in the state database that is not the domain's own logic: the partition lease."""
+"""Persistence in the state database: engines, schema versions, the delivery ledger, the envelope
+store, the held conversions and the partition lease. The logic they serve lives in ``domain``."""

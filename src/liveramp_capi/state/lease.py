@@ -29,17 +29,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from liveramp_capi.domain.ledger import ensure_component_schema
-from liveramp_capi.domain.statedb import SQLITE_BEGIN_IMMEDIATE, upsert_insert
-
-SCHEMA_COMPONENT = "partition_lease"
-SCHEMA_VERSION = 1
-
-metadata = sa.MetaData()
+from liveramp_capi.state.database import SQLITE_BEGIN_IMMEDIATE, upsert_insert
+from liveramp_capi.state.migrations import ensure_component_schema, metadata
 
 lease_table = sa.Table(
-    "capi_partition_lease",
-    metadata,
+    "capi_partition_lease", metadata,
     sa.Column("partition", sa.String(32), primary_key=True),
     sa.Column("owner", sa.String(500), nullable=False),
     sa.Column("holder", sa.String(250), nullable=False),
@@ -48,6 +42,9 @@ lease_table = sa.Table(
     sa.Column("expires_at", sa.Float, nullable=False),
     sa.Column("released", sa.Boolean, nullable=False, default=False),
 )
+
+SCHEMA_COMPONENT = "partition_lease"
+SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True, slots=True)

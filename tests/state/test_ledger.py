@@ -5,7 +5,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -13,36 +13,24 @@ import pytest
 import sqlalchemy as sa
 
 from liveramp_capi.domain.batches import Batch, cut_batches
-from liveramp_capi.domain.ledger import (
+from liveramp_capi.domain.redaction import MAX_ERROR_CHARS
+from liveramp_capi.domain.sessions import Session, ShardEntry, key_hash
+from liveramp_capi.state.database import make_engine
+from liveramp_capi.state.ledger import (
     ACKNOWLEDGED,
     FAILED,
     IN_FLIGHT,
-    MAX_ERROR_CHARS,
     SCHEMA_COMPONENT,
     SCHEMA_VERSION,
     DeliveryLedger,
-    LedgerSchemaError,
     ledger_table,
-    sanitize_error,
-    schema_version_table,
 )
-from liveramp_capi.domain.sessions import Session, ShardEntry, key_hash
-from liveramp_capi.domain.statedb import (
-    StateDatabaseUnavailable,
-    check_reachable,
-    make_engine,
-    normalise_url,
-)
+from liveramp_capi.state.migrations import SchemaVersionError, schema_version_table
 
 P = "2026-11-20"
 
 
 # -- fixtures -----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def pg_url(pg_database_factory: Callable[[], str]) -> str:
-    return pg_database_factory()
 
 
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
@@ -138,15 +126,15 @@ def test_newer_schema_version_is_refused(fresh_db_url: str) -> None:
     ledger.ensure_schema()
     with engine.begin() as connection:
         connection.execute(sa.update(schema_version_table).values(version=SCHEMA_VERSION + 1))
-    with pytest.raises(LedgerSchemaError, match="upgrade"):
+    with pytest.raises(SchemaVersionError, match="upgrade"):
         ledger.ensure_schema()
     engine.dispose()
 
 
 _ENSURE_SCRIPT = """
 import sys
-from liveramp_capi.domain.ledger import DeliveryLedger
-from liveramp_capi.domain.statedb import make_engine
+from liveramp_capi.state.ledger import DeliveryLedger
+from liveramp_capi.state.database import make_engine
 DeliveryLedger(make_engine(sys.argv[1])).ensure_schema()
 """
 
@@ -226,12 +214,6 @@ def test_failed_rows_without_prior_in_flight_and_sanitised_errors(ledger: Delive
     assert len(row["error"]) <= MAX_ERROR_CHARS
 
 
-def test_sanitize_error() -> None:
-    assert sanitize_error(None) is None
-    assert sanitize_error("timeout after 30 s") == "timeout after 30 s"
-    assert len(sanitize_error("word " * 500) or "") == MAX_ERROR_CHARS
-
-
 def test_duplicate_batches_in_one_call_and_empty_calls(ledger: DeliveryLedger) -> None:
     batches = make_batches(1)
     ledger.mark_in_flight(P, batches + batches, "run")
@@ -263,9 +245,7 @@ def test_rerun_after_crash(ledger: DeliveryLedger) -> None:
             return [b for b in items if b.session_key_hash % shard_count == shard]
 
         assert ledger.unresolved_batches(P, shard, shard_count) == sorted(b.batch_id for b in mine(unknown))
-        assert ledger.acknowledged_batch_ids(P, shard, shard_count) == {b.batch_id for b in mine(acked)}
-        expected_ids = {event_id for b in mine(acked) for event_id in b.event_ids}
-        assert ledger.acknowledged_event_ids(P, shard, shard_count) == expected_ids
+        assert set(ledger.acknowledged_batch_runs(P, shard, shard_count)) == {b.batch_id for b in mine(acked)}
     assert sum(len(ledger.unresolved_batches(P, s, shard_count)) for s in range(shard_count)) == len(unknown)
 
     # Run 2 resolves the unknown ones.
@@ -288,8 +268,8 @@ def test_shard_filter_with_extreme_hashes(ledger: DeliveryLedger) -> None:
     ledger.record_acknowledged(P, [(b, 1) for b in batches], "run")
     for shard_count in (1, 3, 7, 256):
         for shard in range(shard_count):
-            expected = {f"e{i}" for i, b in enumerate(batches) if b.session_key_hash % shard_count == shard}
-            assert ledger.acknowledged_event_ids(P, shard, shard_count) == expected
+            expected = {b.batch_id for b in batches if b.session_key_hash % shard_count == shard}
+            assert set(ledger.acknowledged_batch_runs(P, shard, shard_count)) == expected
     with pytest.raises(ValueError):
         ledger.unresolved_batches(P, 3, 3)
 
@@ -387,7 +367,7 @@ def test_thousand_row_upserts_are_fast(ledger: DeliveryLedger, capsys: pytest.Ca
             "record_failed",
             lambda: ledger.record_failed(P, [(b, 2, 503, "HTTP 503") for b in batches[500:]], "run"),
         ),
-        ("acknowledged_event_ids", lambda: ledger.acknowledged_event_ids(P, 0, 1)),
+        ("acknowledged_batch_runs", lambda: ledger.acknowledged_batch_runs(P, 0, 1)),
     ):
         started = time.perf_counter()
         call()
@@ -402,69 +382,10 @@ def test_thousand_row_upserts_are_fast(ledger: DeliveryLedger, capsys: pytest.Ca
     assert timings["mark_in_flight"] < 5000
 
 
-# -- engines ------------------------------------------------------------------------------
-
-
-def test_normalise_url() -> None:
-    assert normalise_url("postgresql://u:p@h/db").drivername == "postgresql+psycopg"
-    assert normalise_url("postgres://u:p@h/db").drivername == "postgresql+psycopg"
-    assert normalise_url("postgresql+psycopg://u@h/db").drivername == "postgresql+psycopg"
-    assert normalise_url("sqlite:////tmp/x.db").drivername == "sqlite"
-
-
-def test_sqlite_engine_pragmas(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path}/state.db")
-    with engine.connect() as connection:
-        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-        assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
-        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
-    check_reachable(engine)
-    engine.dispose()
-
-
-def test_sqlite_transactions_roll_back(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path}/state.db")
-    with engine.begin() as connection:
-        connection.exec_driver_sql("CREATE TABLE t (x INTEGER)")
-    with pytest.raises(RuntimeError), engine.begin() as connection:
-        connection.exec_driver_sql("INSERT INTO t VALUES (1)")
-        raise RuntimeError
-    with engine.connect() as connection:
-        assert connection.exec_driver_sql("SELECT count(*) FROM t").scalar() == 0
-    engine.dispose()
-
-
-def test_postgres_engine_options() -> None:
-    engine = make_engine("postgresql://postgres@127.0.0.1:5432/test")
-    assert engine.dialect.driver == "psycopg"
-    assert engine.pool._pre_ping  # type: ignore[attr-defined]
-    engine.dispose()
-
-
-def test_unreachable_database_message_has_no_password() -> None:
-    engine = make_engine(
-        "postgresql://capi_user:s3cr3t-Pa55@127.0.0.1:1/ledgerdb", connect_args={"connect_timeout": 2}
-    )
-    with pytest.raises(StateDatabaseUnavailable) as caught:
-        check_reachable(engine)
-    message = str(caught.value)
-    assert "s3cr3t-Pa55" not in message and "s3cr3t-Pa55" not in repr(caught.value.__cause__)
-    assert "ledgerdb" in message and "127.0.0.1:1" in message
-    assert caught.value.__cause__ is None and caught.value.__suppress_context__
-    engine.dispose()
-
-
-def test_unreachable_sqlite_path(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path}/missing-dir/state.db")
-    with pytest.raises(StateDatabaseUnavailable, match="missing-dir"):
-        check_reachable(engine)
-    engine.dispose()
-
-
 def test_hour_keys_fit_and_an_older_ten_character_partition_column_is_widened(fresh_db_url: str) -> None:
     """State databases made before hourly partitions declared ``partition`` as 10 characters;
     PostgreSQL enforces that, so ensure_schema widens it in place (rows kept)."""
-    from liveramp_capi.domain.held import HeldConversions, held_table
+    from liveramp_capi.state.held_store import HeldConversions, held_table
 
     hour = "2026-11-20T13"
     engine = make_engine(fresh_db_url)

@@ -11,20 +11,18 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from liveramp_capi.domain.consent import DAY_SECONDS, Consent, envelope_expiry
 from liveramp_capi.domain.envelopes import (
     ACTIVE,
     CONSENT_MISSING,
-    DAY_SECONDS,
     EXPIRED,
     REFRESH_FAILED,
-    Consent,
     EnvelopeRecord,
-    EnvelopeStore,
     RefreshResult,
-    envelope_expiry,
     resolve_session,
 )
 from liveramp_capi.domain.sessions import Session, ShardEntry, key_hash
+from liveramp_capi.state.envelope_store import EnvelopeStore
 
 NOW = 1_790_000_000
 TCF = Consent(ct=4, cv="CPXxRfAPXxRfAAfKABENB-CgAAAAAAAAAAYgAAAAAAAA")
@@ -118,7 +116,7 @@ def test_due_rows_are_paged_by_slice_without_overlap_and_without_expired_or_late
     later = [rec(f"later-{i}", "L", NOW - DAY_SECONDS) for i in range(5)]
     gone = [rec(f"gone-{i}", "G", NOW - life - 10) for i in range(5)]
     store.upsert(due + later + gone, now=NOW)
-    assert store.mark_expired(now=NOW) == 0  # stored as expired on arrival already
+    assert store.mark_expired_by_state(now=NOW) == {}  # stored as expired on arrival already
     assert store.counts_by_state() == {ACTIVE: 235, EXPIRED: 5}
     assert store.count_due(now=NOW) == {"due": 230, "consent_missing": 0}
 
@@ -208,17 +206,17 @@ def test_upsert_throughput(store: EnvelopeStore, rows: int) -> None:
     started = time.perf_counter()
     store.upsert(records, now=NOW)  # a rerun: every row conflicts, none changes
     second = time.perf_counter() - started
-    print(f"\n[envelope store {store.dialect}] upsert {rows} rows: {rows / first:,.0f} rows/s new, "
+    print(f"\n[envelope store {store.engine.dialect.name}] upsert {rows} rows: {rows / first:,.0f} rows/s new, "
           f"{rows / second:,.0f} rows/s replayed")
     assert store.counts_by_state() == {ACTIVE: rows}
 
 
 def test_a_newer_schema_version_is_refused(store: EnvelopeStore) -> None:
-    from liveramp_capi.domain.ledger import LedgerSchemaError
+    from liveramp_capi.state.migrations import SchemaVersionError
 
     with store.engine.begin() as connection:
         connection.execute(sa.text("UPDATE capi_schema_version SET version = 99 WHERE component = 'envelope_store'"))
-    with pytest.raises(LedgerSchemaError, match="upgrade"):
+    with pytest.raises(SchemaVersionError, match="upgrade"):
         store.ensure_schema()
 
 

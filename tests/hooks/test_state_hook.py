@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import json
 import socket
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from liveramp_capi.domain.ledger import DeliveryLedger
-from liveramp_capi.domain.statedb import check_reachable
 from liveramp_capi.hooks.state import CapiStateHook
+from liveramp_capi.state.database import check_reachable
+from liveramp_capi.state.ledger import DeliveryLedger
 
 ENV = "AIRFLOW_CONN_CAPI_STATE_DEFAULT"
 PG = {"conn_type": "postgres", "host": "127.0.0.1", "port": 5432, "login": "postgres", "schema": "test"}
@@ -41,20 +40,9 @@ needs_pg = pytest.mark.skipif(not pg_reachable(), reason="PostgreSQL is unreacha
 
 
 @pytest.fixture
-def scratch_pg_database() -> Iterator[str]:
-    """A throw-away PostgreSQL database, so the hook's schema creation touches nothing shared."""
-    admin = sa.create_engine(
-        "postgresql+psycopg://postgres@127.0.0.1:5432/postgres", isolation_level="AUTOCOMMIT"
-    )
-    name = f"capi_hooktest_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield name
-    finally:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+def scratch_pg_database(pg_database_factory: Callable[[], str]) -> str:
+    """A throw-away PostgreSQL database's name, so the hook's schema creation touches nothing shared."""
+    return pg_database_factory().rsplit("/", 1)[1]
 
 
 def test_hook_metadata() -> None:
@@ -200,3 +188,28 @@ def test_envelope_lifetime_rule_comes_from_the_connection_extra(monkeypatch: pyt
     with pytest.raises(AirflowFailException, match="envelope_lifetime_rule must be one of"):
         CapiStateHook().get_envelope_store()
     assert CapiStateHook().get_held_conversions().counts()["held"] == 0
+
+
+def test_an_unreachable_database_fails_the_block_retryably_without_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+    set_conn(monkeypatch, conn_type="postgres", host="127.0.0.1", port=1, login="capi", password="s3cr3t-Pa55",
+             schema="ledgerdb")
+    hook = CapiStateHook()
+    with pytest.raises(AirflowException) as caught, hook.opened("sent"):
+        hook.get_ledger()
+    message = str(caught.value)
+    assert message.startswith(
+        "state database unavailable, nothing sent: cannot reach the state postgresql database ledgerdb on 127.0.0.1:1"
+    )
+    assert "s3cr3t-Pa55" not in message and not isinstance(caught.value, AirflowFailException)
+
+
+def test_a_database_error_inside_the_block_is_reported_alike(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from airflow.sdk.exceptions import AirflowException
+
+    set_conn(monkeypatch, conn_type="sqlite", host=str(tmp_path / "state.db"))
+    hook = CapiStateHook()
+    with pytest.raises(AirflowException, match=r"nothing validated: sqlite database .*state\.db: OperationalError"):
+        with hook.opened("validated"), hook.get_engine().connect() as connection:
+            connection.exec_driver_sql("SELECT * FROM capi_no_such_table")

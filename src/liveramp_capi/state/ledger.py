@@ -16,36 +16,25 @@ plain tuples through the driver, one transaction per call.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import re
-import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.engine import Engine
 
 from liveramp_capi.domain.batches import Batch
-from liveramp_capi.domain.statedb import SQLITE_BEGIN_IMMEDIATE, upsert_insert
+from liveramp_capi.domain.redaction import MAX_ERROR_CHARS, sanitize_error
+from liveramp_capi.state.database import retrying, upsert_insert
+from liveramp_capi.state.migrations import ensure_component_schema, metadata
 
 IN_FLIGHT = "in_flight"
 ACKNOWLEDGED = "acknowledged"
 FAILED = "failed"
 STATES: tuple[str, ...] = (IN_FLIGHT, ACKNOWLEDGED, FAILED)
 
-#: Name and version of this component's tables in ``capi_schema_version``.
-SCHEMA_COMPONENT = "delivery_ledger"
-SCHEMA_VERSION = 1
-
-MAX_ERROR_CHARS = 500
-
-metadata = sa.MetaData()
-
 ledger_table = sa.Table(
-    "capi_delivery_ledger",
-    metadata,
+    "capi_delivery_ledger", metadata,
     # A day (YYYY-MM-DD) or an hour (YYYY-MM-DDTHH), with room to spare.
     sa.Column("partition", sa.String(32), primary_key=True),
     sa.Column("batch_id", sa.String(32), primary_key=True),
@@ -66,26 +55,9 @@ ledger_table = sa.Table(
     sa.Index("ix_capi_delivery_ledger_partition_state", "partition", "state"),
 )
 
-schema_version_table = sa.Table(
-    "capi_schema_version",
-    metadata,
-    sa.Column("component", sa.String(64), primary_key=True),
-    sa.Column("version", sa.Integer, nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-)
-
-# Serialises schema creation between processes on PostgreSQL (any stable 63-bit constant).
-_SCHEMA_LOCK_KEY = (
-    int.from_bytes(hashlib.blake2b(b"liveramp_capi.schema", digest_size=8).digest(), "big") >> 1
-)
-
-# PostgreSQL: deadlock / serialization failure. Rows are written in batch_id order so two
-# writers lock them in the same order, but a retry keeps a rare abort from failing a task.
-_RETRYABLE_PGCODES = frozenset({"40P01", "40001"})
-
-_UUID_RE = re.compile(r"[0-9A-Fa-f]{8}-(?:[0-9A-Fa-f]{4}-){3}[0-9A-Fa-f]{12}")
-_TOKEN_RE = re.compile(r"[A-Za-z0-9_\-+/=]{32,}")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
+#: Name and version of this component's tables in ``capi_schema_version``.
+SCHEMA_COMPONENT = "delivery_ledger"
+SCHEMA_VERSION = 1
 
 _T = TypeVar("_T")
 
@@ -137,113 +109,8 @@ _SET_FAILED = (
 )
 
 
-class LedgerSchemaError(RuntimeError):
-    """The database holds a ledger schema this code does not know (newer version)."""
-
-
-def sanitize_error(message: str | None) -> str | None:
-    """Make an error text safe and small enough for the ledger's ``error`` column.
-
-    Callers should never pass identifiers; as a second line of defence anything shaped like
-    a device id (UUID) or an envelope (a long base64url run) is redacted.
-
-    :param message: an error description, or None.
-    """
-    if message is None:
-        return None
-    text = _UUID_RE.sub("<redacted>", message)
-    text = _TOKEN_RE.sub("<redacted>", text)
-    text = _CONTROL_RE.sub(" ", text).strip()
-    if len(text) > MAX_ERROR_CHARS:
-        text = text[: MAX_ERROR_CHARS - 3] + "..."
-    return text
-
-
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def ensure_component_schema(
-    engine: Engine, tables: Sequence[sa.Table], component: str, version: int
-) -> None:
-    """Create a component's tables (and ``capi_schema_version``) if missing; check its version.
-
-    Shared by every component that keeps tables in the state database (the delivery ledger,
-    the envelope store). Safe when several processes call it at once: PostgreSQL serialises the
-    creation on a transaction-level advisory lock; SQLite takes the write lock at BEGIN (so the
-    existence check and the CREATE happen under one lock) and a lost race is retried.
-
-    :param engine: the state database engine.
-    :param tables: the component's tables, in creation order.
-    :param component: the component's name in ``capi_schema_version``.
-    :param version: the schema version this code writes.
-    :raises LedgerSchemaError: when the database holds a newer version of the component.
-    """
-    dialect = engine.dialect.name
-    for attempt in range(3):
-        try:
-            with engine.connect() as connection:
-                if dialect == "sqlite":
-                    connection.execution_options(**{SQLITE_BEGIN_IMMEDIATE: True})
-                with connection.begin():
-                    if dialect == "postgresql":
-                        connection.execute(
-                            sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY}
-                        )
-                    for table in (schema_version_table, *tables):
-                        table.create(connection, checkfirst=True)
-                    if dialect == "postgresql":
-                        _widen_text_columns(connection, tables)
-                    _check_version(connection, component, version)
-            return
-        except DBAPIError as exc:
-            if attempt == 2 or "already exists" not in str(exc.orig).lower():
-                raise
-            time.sleep(0.05 * (attempt + 1))
-
-
-def _widen_text_columns(connection: Connection, tables: Sequence[sa.Table]) -> None:
-    """Widen PostgreSQL ``varchar`` columns narrower than this code declares (e.g. ``partition``,
-    10 characters before hourly keys such as ``2026-11-20T13`` needed 13). Widening keeps every
-    row; SQLite does not enforce lengths, so only PostgreSQL needs it."""
-    for table in tables:
-        declared = {
-            column.name: column.type.length
-            for column in table.columns
-            if isinstance(column.type, sa.String) and column.type.length
-        }
-        found = connection.execute(
-            sa.text(
-                "SELECT column_name, character_maximum_length FROM information_schema.columns "
-                "WHERE table_schema = current_schema() AND table_name = :table"
-            ),
-            {"table": table.name},
-        ).all()
-        for name, length in found:
-            if name in declared and length is not None and length < declared[name]:
-                connection.execute(
-                    sa.text(f'ALTER TABLE {table.name} ALTER COLUMN "{name}" TYPE varchar({int(declared[name])})')
-                )
-
-
-def _check_version(connection: Connection, component: str, version: int) -> None:
-    table = schema_version_table
-    found = connection.execute(
-        sa.select(table.c.version).where(table.c.component == component)
-    ).scalar_one_or_none()
-    if found is None:
-        connection.execute(sa.insert(table).values(component=component, version=version, updated_at=_now()))
-    elif found > version:
-        raise LedgerSchemaError(
-            f"the state database holds {component.replace('_', ' ')} schema version {found}; this code "
-            f"knows up to {version}: upgrade the liveramp-capi package"
-        )
-    elif found < version:
-        # The component's own upgrade steps run after this (e.g. the envelope store re-evaluates
-        # its expiries); the tables themselves only gain new tables, created above.
-        connection.execute(
-            sa.update(table).where(table.c.component == component).values(version=version, updated_at=_now())
-        )
 
 
 def _unique_sorted(items: Iterable[_T], batch_of: Callable[[_T], Batch]) -> list[_T]:
@@ -258,7 +125,7 @@ def _unique_sorted(items: Iterable[_T], batch_of: Callable[[_T], Batch]) -> list
 class DeliveryLedger:
     """Read and record batch outcomes in the state database.
 
-    :param engine: a SQLite or PostgreSQL engine (see :func:`~liveramp_capi.domain.statedb.make_engine`).
+    :param engine: a SQLite or PostgreSQL engine (see :func:`~liveramp_capi.state.database.make_engine`).
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -288,33 +155,6 @@ class DeliveryLedger:
             table.c.state == state,
             (table.c.session_key_hash % shard_count) == shard,
         )
-
-    def acknowledged_event_ids(self, partition: str, shard: int, shard_count: int) -> set[str]:
-        """Return the event ids of the shard's acknowledged batches.
-
-        Caution: event ids are unique neither across users nor across event types (TikTok
-        deduplicates on event name + id), so skipping events by id alone can drop a different
-        event that shares an id; :meth:`acknowledged_batch_ids` has no such ambiguity.
-
-        :param partition: partition name.
-        :param shard: shard index, ``0..shard_count-1``.
-        :param shard_count: the partition's shard count (the filter is ``session_key_hash % shard_count``).
-        """
-        where = self._shard_filter(partition, shard, shard_count, ACKNOWLEDGED)
-        found: set[str] = set()
-        with self.engine.connect() as connection:
-            for (event_ids,) in connection.execute(sa.select(ledger_table.c.event_ids).where(where)):
-                found.update(orjson.loads(event_ids))
-        return found
-
-    def acknowledged_batch_ids(self, partition: str, shard: int, shard_count: int) -> set[str]:
-        """Return the ids of the shard's acknowledged batches.
-
-        :param partition: partition name.
-        :param shard: shard index, ``0..shard_count-1``.
-        :param shard_count: the partition's shard count.
-        """
-        return set(self._batch_ids(partition, shard, shard_count, ACKNOWLEDGED))
 
     def acknowledged_batch_runs(self, partition: str, shard: int, shard_count: int) -> dict[str, str | None]:
         """Return ``{batch_id: run_id}`` for the shard's acknowledged batches (who got the acknowledgement).
@@ -433,16 +273,12 @@ class DeliveryLedger:
             f"VALUES ({', '.join([mark] * len(_COLUMNS))}) "
             f"ON CONFLICT ({_quoted('partition')}, {_quoted('batch_id')}) DO UPDATE SET {on_conflict}"
         )
-        for attempt in range(3):
-            try:
-                with self.engine.begin() as connection:
-                    connection.exec_driver_sql(statement, rows)
-                return
-            except DBAPIError as exc:
-                code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-                if attempt == 2 or code not in _RETRYABLE_PGCODES:
-                    raise
-                time.sleep(0.05 * (attempt + 1))
+        # Rows go in batch_id order, so two writers lock them alike; a rare abort is retried.
+        def write() -> None:
+            with self.engine.begin() as connection:
+                connection.exec_driver_sql(statement, rows)
+
+        retrying(write)
 
     def mark_in_flight(self, partition: str, batches: Sequence[Batch], run_id: str | None) -> None:
         """Record that these batches are about to be sent (never downgrades ``acknowledged``).

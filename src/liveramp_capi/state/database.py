@@ -1,4 +1,4 @@
-"""SQLAlchemy engines for the pipeline's state database (SQLite file or PostgreSQL).
+"""The pipeline's state database (SQLite file or PostgreSQL): URLs, engines, reachability, writes.
 
 SQLite is the embedded default; several shard tasks may write to one file at once, so it runs
 in WAL mode with a generous busy timeout instead of failing fast with "database is locked".
@@ -9,13 +9,15 @@ from __future__ import annotations
 import random
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+from urllib.parse import quote
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 #: How long an SQLite writer waits for another writer's lock before giving up.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -26,8 +28,59 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 SQLITE_BEGIN_IMMEDIATE = "capi_sqlite_begin_immediate"
 
 
+_SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+
+_T = TypeVar("_T")
+
+
 class StateDatabaseUnavailable(RuntimeError):
     """The state database cannot be reached (message names host and database, never secrets)."""
+
+
+def connection_url(
+    conn_id: str,
+    conn_type: str | None,
+    host: str | None,
+    *,
+    port: int | None = None,
+    login: str | None = None,
+    password: str | None = None,
+    database: str | None = None,
+) -> str:
+    """The SQLAlchemy URL an Airflow connection's fields describe.
+
+    Type ``sqlite`` maps to ``sqlite:///<host>``; types ``postgres``/``postgresql`` map to
+    ``postgresql+psycopg://...``; type ``capi_state`` (or none) is SQLite when the host looks like
+    a file (absolute path or ``.db`` suffix, no port) and PostgreSQL otherwise.
+
+    :param conn_id: the connection's id, for messages.
+    :param conn_type: its type.
+    :param host: an SQLite file path or a PostgreSQL host.
+    :param port: the PostgreSQL port.
+    :param login: the PostgreSQL user.
+    :param password: its password (URL-quoted, never in a message).
+    :param database: the PostgreSQL database (the connection's ``schema`` field).
+    :raises ValueError: for a connection that names no file or host, or has another type.
+    """
+    conn_type = (conn_type or "").lower()
+    host = host or ""
+    if conn_type == "sqlite" or (
+        conn_type in ("capi_state", "") and not port and (host.startswith("/") or host.endswith(_SQLITE_SUFFIXES))
+    ):
+        if not host:
+            raise ValueError(f"connection {conn_id!r} names no SQLite file path (host)")
+        return f"sqlite:///{host}"
+    if conn_type in ("postgres", "postgresql", "capi_state", ""):
+        if not host:
+            raise ValueError(f"connection {conn_id!r} names no database host")
+        credentials = ""
+        if login:
+            credentials = quote(login, safe="")
+            if password:
+                credentials += ":" + quote(password, safe="")
+            credentials += "@"
+        return f"postgresql+psycopg://{credentials}{host}{f':{port}' if port else ''}/{quote(database or '', safe='')}"
+    raise ValueError(f"connection {conn_id!r} has type {conn_type!r}; expected capi_state, sqlite or postgres")
 
 
 def normalise_url(url: str | URL) -> URL:
@@ -118,6 +171,11 @@ def _scrub(message: str, url: URL) -> str:
     return message.strip().splitlines()[0][:300] if message.strip() else ""
 
 
+def _unavailable(engine: Engine, exc: Exception, what: str) -> StateDatabaseUnavailable:
+    detail = _scrub(str(getattr(exc, "orig", None) or exc), engine.url)
+    return StateDatabaseUnavailable(f"{what}: {type(exc).__name__}" + (f" ({detail})" if detail else ""))
+
+
 def check_reachable(engine: Engine) -> None:
     """Run ``SELECT 1`` or raise :class:`StateDatabaseUnavailable`.
 
@@ -127,12 +185,25 @@ def check_reachable(engine: Engine) -> None:
         with engine.connect() as connection:
             connection.execute(sa.text("SELECT 1"))
     except Exception as exc:
-        detail = _scrub(str(getattr(exc, "orig", None) or exc), engine.url)
         # "from None": the chained driver error may repeat connection parameters.
-        raise StateDatabaseUnavailable(
-            f"cannot reach the state {describe(engine)}: {type(exc).__name__}"
-            + (f" ({detail})" if detail else "")
-        ) from None
+        raise _unavailable(engine, exc, f"cannot reach the state {describe(engine)}") from None
+
+
+@contextmanager
+def opened(engine: Engine) -> Iterator[None]:
+    """Check that the state database answers, then report a database error of the block alike.
+
+    The block typically creates or checks the components' tables. Either failure becomes a
+    :class:`StateDatabaseUnavailable` naming the database, never its password: unreachable, or
+    reachable but unusable (e.g. SQLite locked by another process past the busy timeout).
+
+    :param engine: the state database engine.
+    """
+    check_reachable(engine)
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        raise _unavailable(engine, exc, describe(engine)) from None
 
 
 def upsert_insert(engine: Engine) -> Any:
@@ -142,17 +213,41 @@ def upsert_insert(engine: Engine) -> Any:
     """
     dialect = engine.dialect.name
     if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    else:
-        raise ValueError(f"unsupported state database dialect: {dialect}")
-    return insert
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert
+    if dialect == "sqlite":
+        from sqlalchemy.dialects import sqlite
+
+        return sqlite.insert
+    raise ValueError(f"unsupported state database dialect: {dialect}")
 
 
 # PostgreSQL: deadlock / serialization failure. Writers lock rows in key order, but a retry keeps
 # the rare abort left from failing a task.
 RETRYABLE_PGCODES = frozenset({"40P01", "40001"})
+
+
+def _write_conflict(exc: DBAPIError) -> bool:
+    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    return code in RETRYABLE_PGCODES
+
+
+def retrying(work: Callable[[], _T], retryable: Callable[[DBAPIError], bool] = _write_conflict) -> _T:
+    """Run ``work`` (one transaction), again up to twice when it fails with a ``retryable`` error.
+
+    :param work: the transaction; it must be safe to run again after a rollback.
+    :param retryable: which driver errors are worth another try (default: a PostgreSQL deadlock
+        or serialization failure).
+    """
+    for attempt in range(2):
+        try:
+            return work()
+        except DBAPIError as exc:
+            if not retryable(exc):
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    return work()
 
 
 def execute_write(engine: Engine, statement: Any, rows: list[dict[str, Any]] | None = None) -> int:
@@ -164,20 +259,43 @@ def execute_write(engine: Engine, statement: Any, rows: list[dict[str, Any]] | N
     :param statement: an insert, update or delete.
     :param rows: parameter sets for executemany, or None.
     """
-    for attempt in range(3):
-        try:
-            with engine.begin() as connection:
-                result = connection.execute(statement, rows) if rows is not None else connection.execute(statement)
-                return int(result.rowcount or 0)
-        except DBAPIError as exc:
-            code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-            if attempt == 2 or code not in RETRYABLE_PGCODES:
-                raise
-            time.sleep(0.05 * (attempt + 1))
-    return 0  # pragma: no cover - the loop returns or raises
+
+    def write() -> int:
+        with engine.begin() as connection:
+            result = connection.execute(statement, rows) if rows is not None else connection.execute(statement)
+            return int(result.rowcount or 0)
+
+    return retrying(write)
 
 
 def chunked(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     """Consecutive slices of at most ``size`` items (bounded statements on both backends)."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def write_in_chunks(engine: Engine, statement: Any, rows: Sequence[dict[str, Any]], size: int = 500) -> int:
+    """Run ``statement`` executemany over ``rows``, ``size`` rows per transaction; return rows affected.
+
+    :param engine: the state database engine.
+    :param statement: an insert, update or delete with bound parameters.
+    :param rows: parameter sets, in the order writers should lock them.
+    :param size: rows per statement.
+    """
+    return sum(execute_write(engine, statement, list(chunk)) for chunk in chunked(rows, size))
+
+
+
+def delete_where_in(engine: Engine, column: sa.Column[Any], values: Iterable[Any], size: int = 500) -> int:
+    """Delete the rows whose ``column`` holds one of ``values``, ``size`` values per statement.
+
+    :param engine: the state database engine.
+    :param column: the key column (of the table to delete from).
+    :param values: the keys; duplicates are fine.
+    :param size: values per statement.
+    :return: rows deleted.
+    """
+    keys = sorted(set(values))
+    return sum(
+        execute_write(engine, sa.delete(column.table).where(column.in_(list(chunk)))) for chunk in chunked(keys, size)
+    )

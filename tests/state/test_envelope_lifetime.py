@@ -10,24 +10,27 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from liveramp_capi.domain.consent import CALIFORNIA_LIFETIME_DAYS, LIFETIME_DAYS
+from liveramp_capi.domain.consent import (
+    CALIFORNIA_LIFETIME_DAYS,
+    DAY_SECONDS,
+    LIFETIME_DAYS,
+    Consent,
+    LifetimeRule,
+    lifetime_seconds,
+)
 from liveramp_capi.domain.envelopes import (
     ACTIVE,
     CONSENT_MISSING,
-    DAY_SECONDS,
     EXPIRED,
     REFRESH_FAILED,
-    Consent,
     EnvelopeRecord,
-    EnvelopeStore,
-    LifetimeRule,
     RefreshResult,
-    envelope_table,
-    lifetime_seconds,
     resolve_session,
 )
-from liveramp_capi.domain.ledger import schema_version_table
 from liveramp_capi.domain.sessions import Session, ShardEntry, key_hash
+from liveramp_capi.state.envelope_rows import envelope_table
+from liveramp_capi.state.envelope_store import EnvelopeStore
+from liveramp_capi.state.migrations import schema_version_table
 
 NOW = 1_790_000_000
 CV = "CPXxRfAPXxRfAAfKABENB-CgAAAAAAAAAAYgAAAAAAAA"
@@ -223,7 +226,7 @@ def test_expired_rows_are_counted_by_the_state_they_were_found_in(state_engine: 
 
 
 def test_refresh_summary_reports_what_was_found_expired() -> None:
-    from liveramp_capi.domain.envelopes import build_refresh_summary
+    from liveramp_capi.domain.refresh_summary import build_refresh_summary
 
     plan = {"run_date": "2026-11-20", "as_of": NOW, "remaining_share": 1 / 3, "slices": 1, "due": 3,
             "newly_expired": 5, "newly_expired_by_state": {ACTIVE: 2, CONSENT_MISSING: 3}}

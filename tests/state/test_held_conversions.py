@@ -14,7 +14,8 @@ from sqlalchemy.engine import Engine
 
 from liveramp_capi.delivery.sender import BatchSender
 from liveramp_capi.delivery.settings import CapiSettings
-from liveramp_capi.domain.envelopes import DAY_SECONDS, Consent, EnvelopeRecord, EnvelopeStore
+from liveramp_capi.domain.consent import DAY_SECONDS, Consent
+from liveramp_capi.domain.envelopes import EnvelopeRecord
 from liveramp_capi.domain.held import (
     DELIVERING,
     HELD,
@@ -22,13 +23,13 @@ from liveramp_capi.domain.held import (
     REASON_NO_USER_KEY,
     REASON_WINDOW_PASSED,
     RECOVERED,
-    HeldConversions,
-    held_table,
 )
-from liveramp_capi.domain.ledger import ACKNOWLEDGED, DeliveryLedger
 from liveramp_capi.domain.recovery import recover_held_conversions
 from liveramp_capi.domain.send_plan import expired_line, plan_session
 from liveramp_capi.domain.sessions import Session, ShardEntry, key_hash
+from liveramp_capi.state.envelope_store import EnvelopeStore
+from liveramp_capi.state.held_store import HeldConversions, held_table
+from liveramp_capi.state.ledger import ACKNOWLEDGED, DeliveryLedger
 
 PARTITION = "2026-11-20"
 WINDOW = 28 * DAY_SECONDS
