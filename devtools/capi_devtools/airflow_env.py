@@ -1,4 +1,4 @@
-"""Pytest plugin (loaded with ``-p airflow_env``): an isolated Airflow home for the test session.
+"""Pytest plugin (loaded with ``-p capi_devtools.airflow_env``): an isolated Airflow home for the test session.
 
 Airflow reads its configuration when it is first imported, so this runs before any conftest or
 test module imports it: every test process gets its own ``AIRFLOW_HOME`` with a SQLite metadata
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from capi_devtools import REPO
 
 if "CAPI_TEST_AIRFLOW_HOME" not in os.environ:
     os.environ["CAPI_TEST_AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="capi-airflow-")

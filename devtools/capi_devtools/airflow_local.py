@@ -27,13 +27,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from capi_devtools import REPO
+from capi_devtools.console_demo import STANDIN_ARGS, stage_refused_partition
+from capi_devtools.sample_partition import stage_sample_partition
+from capi_devtools.standin_fixture import STANDIN_SCRIPT
+
 HOME = REPO / ".airflow"
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(REPO / "include"))
-
-from console_demo import STANDIN_ARGS, stage_refused_partition  # noqa: E402
-from sample_partition import stage_sample_partition  # noqa: E402
 
 STANDIN_CONFIG_ID = "cfg-local"
 
@@ -172,7 +172,7 @@ def main() -> int:
     refused = (dt.date.fromisoformat(partition) - dt.timedelta(days=1)).isoformat()
     stage_refused_partition(HOME / "landing", refused)
     standin = subprocess.Popen(
-        [sys.executable, str(REPO / "include" / "liveramp_standin.py"), "--port", str(standin_port),
+        [sys.executable, str(STANDIN_SCRIPT), "--port", str(standin_port),
          "--config-id", STANDIN_CONFIG_ID, "--latency-ms", "20", *STANDIN_ARGS],
         stdout=subprocess.DEVNULL,
     )

@@ -51,12 +51,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "include"))
-sys.path.insert(0, str(REPO / "tests"))
-
-from bench_data import iter_partition_lines, write_partition  # noqa: E402
-from bench_envelopes import envelope_rows  # noqa: E402
+from capi_devtools import REPO
+from capi_devtools.bench_data import iter_partition_lines, write_partition
+from capi_devtools.bench_envelopes import envelope_rows
 
 SEED = 20261124
 CONFIG_ID = "cfg-bench-5a1e"
@@ -358,7 +355,7 @@ def run_throttle_client(url: str, batches: int, out: str) -> int:
 def _throttled_shards(rate: float, batches: int, shards: int, latency_ms: float, workdir: Path) -> dict[str, Any]:
     """Run ``shards`` send shards at once, each with ``batches / shards`` batches, against one
     stand-in token bucket of ``rate`` requests/s and burst ``rate / 10``."""
-    from standin_fixture import running_standin
+    from capi_devtools.standin_fixture import running_standin
 
     with running_standin("--latency-ms", str(latency_ms), "--rate", str(rate), "--no-keep-in-memory",
                          config_id=CONFIG_ID) as standin:
@@ -583,7 +580,7 @@ def run_end_to_end(
     :param name: prefix of the scratch folder.
     :return: timings, memory, counts and the checks.
     """
-    from standin_fixture import running_standin
+    from capi_devtools.standin_fixture import running_standin
 
     root = workdir / f"{name}-{events}"
     if root.exists():
@@ -816,7 +813,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += measure_validation(lines[:validation_records], baseline_records)
 
         print("2/6 delivery ...", flush=True)
-        from standin_fixture import running_standin
+        from capi_devtools.standin_fixture import running_standin
 
         with running_standin("--latency-ms", str(args.latency_ms), "--no-keep-in-memory", config_id=CONFIG_ID) as standin:
             delivery_rows = measure_delivery(standin.url, lines, requests, sequential, args.concurrency)
@@ -859,7 +856,7 @@ def main(argv: list[str] | None = None) -> int:
         details.update({"end_to_end": big, "end_to_end_small": small})
         granularity_events = 2_000 if not args.quick else min(events, 500)
         print(f"6b/6 hourly vs daily partition, {granularity_events:,} records ...", flush=True)
-        from bench_granularity import granularity_rows
+        from capi_devtools.bench_granularity import granularity_rows
 
         hourly_rows, details["granularity"] = granularity_rows(
             Row, args.workdir, airflow_home, events=granularity_events, latency_ms=args.latency_ms,
@@ -868,14 +865,14 @@ def main(argv: list[str] | None = None) -> int:
         rows += hourly_rows
 
     print("7 console reads (a year of partitions) ...", flush=True)
-    from bench_console import bench_rows
+    from capi_devtools.bench_console import bench_rows
 
     rows += [Row(**row) for row in bench_rows(args.workdir / "console", quick=args.quick)]
     rows += envelope_rows(Row, quick=args.quick)
     if not args.quick:
         # A smoke-size partition fits in one storage block: nothing to learn about streaming.
         print("s3: validate's memory on object storage (moto server on loopback) ...", flush=True)
-        from bench_object_storage import bench_rows as object_storage_rows
+        from capi_devtools.bench_object_storage import bench_rows as object_storage_rows
 
         rows += [Row(**row) for row in object_storage_rows(args.workdir / "s3")]
     print()

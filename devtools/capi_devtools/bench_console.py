@@ -6,7 +6,7 @@ rows), and 365 ``summary.json`` files; then times what the Conversions page and 
 health page read, against the unpaged way (every partition's ledger aggregate and every summary
 at once) measured in the same run.
 
-Usage: ``python include/bench_console.py [--ledger-rows 2000000] [--envelopes 1000000]
+Usage: ``python -m capi_devtools.bench_console [--ledger-rows 2000000] [--envelopes 1000000]
 [--big-partition-rows 1000000] [--quick]``
 """
 
@@ -25,7 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from capi_devtools import REPO
+
 PAGE = 25
 DAYS = 365
 
@@ -161,7 +162,7 @@ def measure(workdir: Path, ledger_rows: int, envelopes: int, big_partition_rows:
 
 
 def bench_rows(workdir: Path, *, quick: bool) -> list[dict[str, Any]]:
-    """The rows ``include/bench.py`` adds to its table (small sizes with ``quick``)."""
+    """The rows ``bench.py`` adds to its table (small sizes with ``quick``)."""
     if quick:
         return measure(workdir, 36_500, 20_000, 20_000)
     return measure(workdir, 2_000_000, 1_000_000, 1_000_000)

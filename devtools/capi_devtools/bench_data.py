@@ -1,4 +1,4 @@
-"""Deterministic synthetic conversion partitions for ``include/bench.py``.
+"""Deterministic synthetic conversion partitions for ``bench.py``.
 
 Everything is derived from one seed, so two runs of the benchmark (or of its test) read the
 same bytes. The events look like the seed's: web events with ``custom_data`` and pipeline-only

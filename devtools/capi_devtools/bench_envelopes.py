@@ -15,7 +15,7 @@ its own truth table of every envelope's real expiry and counts:
   daily run before expiry) under the configured rule, and the same knowing every user's true
   jurisdiction (what no pipeline can know; the price of the conservative rule).
 
-Run on its own: ``python include/bench_envelopes.py [--users 5000] [--rule conservative]``;
+Run on its own: ``python -m capi_devtools.bench_envelopes [--users 5000] [--rule conservative]``;
 ``make bench`` prints its rows.
 """
 

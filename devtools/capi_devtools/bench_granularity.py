@@ -34,9 +34,9 @@ def _last_acknowledged(state_db: Path) -> float:
 def run_granularity(workdir: Path, airflow_home: Path, dag_id: str, key: str, *, events: int, latency_ms: float,
                     concurrency: int) -> dict[str, Any]:
     """Write the partition, mark it ready, run its DAG; return the run's time and the latency."""
-    from bench import CONFIG_ID, PARTITION, SEED, _airflow_env, _day_start, _ensure_airflow_db
-    from bench_data import write_partition
-    from standin_fixture import running_standin
+    from capi_devtools.bench import CONFIG_ID, PARTITION, SEED, _airflow_env, _day_start, _ensure_airflow_db
+    from capi_devtools.bench_data import write_partition
+    from capi_devtools.standin_fixture import running_standin
 
     root = workdir / f"granularity-{dag_id}"
     if root.exists():
@@ -81,7 +81,7 @@ def granularity_rows(row: Any, workdir: Path, airflow_home: Path, *, events: int
 
     :param row: the bench's ``Row`` class.
     """
-    from bench import PARTITION
+    from capi_devtools.bench import PARTITION
 
     daily, hourly = (
         run_granularity(workdir, airflow_home, dag_id, PARTITION + suffix, events=events, latency_ms=latency_ms,

@@ -1,13 +1,13 @@
 """Memory of the validate step on ``s3://``: the peak RSS stays flat as the partition grows.
 
-Starts the S3-compatible test server (moto, ``tests/s3_fixture.py``) on loopback, uploads a
-gzip JSONL partition (``include/bench_data.py``, seeded) of N records and one of N/10, and runs the
+Starts the S3-compatible test server (moto, ``s3_fixture.py``) on loopback, uploads a
+gzip JSONL partition (``bench_data.py``, seeded) of N records and one of N/10, and runs the
 real extract and validate steps on each in a fresh child process (landing and output on S3,
 through ObjectStoragePath and an Airflow connection; SQLite state database). Each child reports
 its peak RSS: the growth from the small partition to the big one, against the growth of the
 input, is the figure.
 
-Usage: ``python include/bench_object_storage.py [--events 300000]`` (``make bench`` adds its rows).
+Usage: ``python -m capi_devtools.bench_object_storage [--events 300000]`` (``make bench`` adds its rows).
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO / "include"), str(REPO / "tests")]
+from capi_devtools import REPO
 
 PARTITION = "2026-11-20"
 LANDING, OUTPUT = "capi-landing", "capi-output"
@@ -71,8 +70,8 @@ def measure(sizes: list[int], workdir: Path, *, storage: str = "s3") -> list[dic
         baseline: what validate itself holds, whatever the storage).
     :returns: one dict per size: events, input_bytes (gzip), valid, shards, peak_rss.
     """
-    from bench_data import write_partition
-    from s3_fixture import running_s3
+    from capi_devtools.bench_data import write_partition
+    from capi_devtools.s3_fixture import running_s3
 
     day_start = int(dt.datetime.fromisoformat(PARTITION).replace(tzinfo=dt.UTC).timestamp())
     results = []
@@ -120,7 +119,7 @@ def measure(sizes: list[int], workdir: Path, *, storage: str = "s3") -> list[dic
 
 
 def bench_rows(workdir: Path, *, quick: bool = False, events: int | None = None) -> list[dict[str, Any]]:
-    """Rows for ``include/bench.py``: validate's peak RSS on S3 at N and N/10 records."""
+    """Rows for ``bench.py``: validate's peak RSS on S3 at N and N/10 records."""
     big_events = events or (20_000 if quick else 300_000)
     workdir.mkdir(parents=True, exist_ok=True)
     sizes = [max(big_events // 10, 100), big_events]

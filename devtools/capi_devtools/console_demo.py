@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sample_partition import stage_sample_partition
+from capi_devtools.sample_partition import stage_sample_partition
 
 REFUSED_EVENT_ID = "demo-refused-1"
 #: Stand-in flags that make it refuse the batch holding the extra event.

@@ -20,12 +20,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from capi_devtools import REPO
+from capi_devtools.sample_partition import stage_sample_partition
+from capi_devtools.standin_fixture import STANDIN_SCRIPT
+
 DEMO = REPO / ".demo"
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(REPO / "include"))
-
-from sample_partition import stage_sample_partition  # noqa: E402
 
 
 def _free_port() -> int:
@@ -129,7 +129,7 @@ def main() -> int:
 
     print(f"2. Starting the local LiveRamp STAND-IN on 127.0.0.1:{port} (not LiveRamp: it records what it receives)")
     standin = subprocess.Popen(
-        [sys.executable, str(REPO / "include" / "liveramp_standin.py"), "--port", str(port),
+        [sys.executable, str(STANDIN_SCRIPT), "--port", str(port),
          "--config-id", "cfg-demo", "--latency-ms", "20"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -131,7 +131,7 @@ def _bootstrap_key(endpoint_url: str) -> tuple[str, str]:
     import boto3
 
     iam = boto3.client(
-        "iam", endpoint_url=endpoint_url, region_name=_REGION, aws_access_key_id="bootstrap", aws_secret_access_key="x"
+        "iam", endpoint_url=endpoint_url, region_name=_REGION, aws_access_key_id="bootstrap", aws_secret_access_key="x"  # noqa: S106 - moto's bootstrap user, loopback only
     )
     iam.create_user(UserName="capi")
     iam.put_user_policy(UserName="capi", PolicyName="s3", PolicyDocument=json.dumps(_ALLOW_S3))

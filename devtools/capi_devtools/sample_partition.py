@@ -1,4 +1,4 @@
-"""Stage the sample partition (``include/sample/conversions/``) under a landing root for a given day.
+"""Stage the sample partition (``sample/conversions/`` beside this module) under a landing root for a given day.
 
 The sample files are dated 2024-05-03, near the seed's examples. TikTok ignores events older
 than 28 days, so the demo and the tests move every ``event_time`` onto the day they stage,

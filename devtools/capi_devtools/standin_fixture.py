@@ -1,4 +1,4 @@
-"""Run ``include/liveramp_standin.py`` as a subprocess on a free loopback port, for tests.
+"""Run ``liveramp_standin.py`` as a subprocess on a free loopback port, for tests.
 
 Used by the ``standin`` fixture in ``conftest.py``; importable on its own for benchmarks::
 
@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-STANDIN_SCRIPT = Path(__file__).resolve().parent.parent / "include" / "liveramp_standin.py"
+STANDIN_SCRIPT = Path(__file__).resolve().with_name("liveramp_standin.py")
 DEFAULT_CONFIG_ID = "cfg-test-7f3a9c2e51"
 _READY = re.compile(r"liveramp-standin listening on (http://\S+)")
 
@@ -46,7 +46,7 @@ class StandInProcess:
 
     def _call(self, method: str, path: str, payload: Any = None, timeout: float = 30.0) -> Any:
         data = None if payload is None else json.dumps(payload).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method)
+        request = urllib.request.Request(self.url + path, data=data, method=method)  # noqa: S310 - the loopback stand-in's http URL
         if data is not None:
             request.add_header("Content-Type", "application/json")
         with _OPENER.open(request, timeout=timeout) as response:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Forward TCP connections from the compose network to the stand-in bound on loopback.
 
-``include/liveramp_standin.py`` binds to loopback only, on purpose. In ``docker compose --profile
+``liveramp_standin.py`` binds to loopback only, on purpose. In ``docker compose --profile
 standin`` the workers run in other containers, so the stand-in's container runs this forwarder
 beside it: ``--listen 0.0.0.0:8080 --target 127.0.0.1:8099``. No host port is published: only
 containers of the compose project reach it. Only stdlib.

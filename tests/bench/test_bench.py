@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-from airflow_env import REPO
 
 pytestmark = pytest.mark.airflow
 
@@ -18,7 +17,7 @@ pytestmark = pytest.mark.airflow
 def test_bench_quick_run_prints_one_table_and_counts_add_up(airflow_db, tmp_path) -> None:
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, str(REPO / "include" / "bench.py"), "--quick", "--events", "1500",
+        [sys.executable, "-m", "capi_devtools.bench", "--quick", "--events", "1500",
          "--workdir", str(tmp_path / "work"), "--airflow-home", str(airflow_db), "--json", str(out)],
         capture_output=True, text=True, timeout=300, check=False,
     )

@@ -13,7 +13,8 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from standin_fixture import STANDIN_SCRIPT, running_standin
+
+from capi_devtools.standin_fixture import STANDIN_SCRIPT, running_standin
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 

@@ -1,11 +1,10 @@
-"""A 60-day daily-refresh simulation of a population with mixed consents (include/bench_envelopes.py)
+"""A 60-day daily-refresh simulation of a population with mixed consents (capi_devtools.bench_envelopes)
 on a real SQLite store: no envelope is used past its lifetime while a refresh could have renewed
 it, and refresh calls stay within 2x of the minimum."""
 
 from __future__ import annotations
 
-from bench_envelopes import simulate
-
+from capi_devtools.bench_envelopes import simulate
 from liveramp_capi.domain.consent import LifetimeRule
 
 

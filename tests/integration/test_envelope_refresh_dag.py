@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conversions_run import configure_pipeline, output_json, output_jsonl, run_conversions, yesterday
 
 from liveramp_capi.domain.envelopes import (
     ACTIVE,
@@ -22,6 +21,13 @@ from liveramp_capi.domain.envelopes import (
     EnvelopeStore,
 )
 from liveramp_capi.domain.statedb import make_engine
+from tests.support.conversions_run import (
+    configure_pipeline,
+    output_json,
+    output_jsonl,
+    run_conversions,
+    yesterday,
+)
 
 pytestmark = pytest.mark.airflow
 
@@ -48,7 +54,8 @@ def _configure_refresh(monkeypatch: pytest.MonkeyPatch, root: Path, standin, max
 
 def _run_refresh() -> tuple[str, dict]:
     from airflow.dag_processing.dagbag import DagBag
-    from airflow_env import REPO
+
+    from capi_devtools import REPO
 
     bag = DagBag(dag_folder=str(REPO / "dags" / "ats_envelope_refresh.py"))
     assert not bag.import_errors, bag.import_errors

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sample_partition import SAMPLE_DIR
+
+from capi_devtools.sample_partition import SAMPLE_DIR
 
 #: Records of the sample partition that validation must reject, by event_id (the truncated
 #: JSON line has none), and the one duplicate.
@@ -58,7 +59,8 @@ def configure_pipeline(monkeypatch: pytest.MonkeyPatch, root: Path, standin: Any
 def run_conversions(partition: str, *, dry_run: bool = False) -> str:
     """Run ``tiktok_conversions`` for one partition with ``dag.test()``; return the run's state."""
     from airflow.dag_processing.dagbag import DagBag
-    from airflow_env import REPO
+
+    from capi_devtools import REPO
 
     bag = DagBag(dag_folder=str(REPO / "dags" / "tiktok_conversions.py"))
     assert not bag.import_errors, bag.import_errors

@@ -159,7 +159,8 @@ def run_dag_once(partition: str, dag_id: str = "tiktok_conversions", **conf: Any
     loaded DAG object gets ``retries = 0`` (the DAG file itself is untouched).
     """
     from airflow.dag_processing.dagbag import DagBag
-    from airflow_env import REPO
+
+    from capi_devtools import REPO
 
     bag = DagBag(dag_folder=str(REPO / "dags" / f"{dag_id}.py"))
     assert not bag.import_errors, bag.import_errors

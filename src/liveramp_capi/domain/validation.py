@@ -16,7 +16,7 @@ from liveramp_capi.domain.events import (
     pipeline_fields,
 )
 from liveramp_capi.domain.schema import EventSchemaValidator
-from liveramp_capi.domain.sources import MAX_RAW_BYTES, SourceRecord
+from liveramp_capi.domain.source_lines import MAX_RAW_BYTES, SourceRecord
 from liveramp_capi.domain.violations import Violation
 
 TRUNCATION_MARKER = "...[truncated]"
