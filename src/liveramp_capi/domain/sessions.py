@@ -68,15 +68,6 @@ def key_hash(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 1
 
 
-def shard_of(key_hash: int, shard_count: int) -> int:
-    """Return the shard (``0..shard_count-1``) that holds the key with this hash.
-
-    :param key_hash: a value from :func:`key_hash`.
-    :param shard_count: the number of shards of the partition.
-    """
-    return key_hash % shard_count
-
-
 def plan_shard_count(estimated_events: int, *, events_per_shard: int = 100_000, max_shards: int = 256) -> int:
     """Choose how many shards a partition is spilled into.
 
@@ -287,11 +278,6 @@ class Session:
     key: str
     key_hash: int
     entries: list[ShardEntry]
-
-    @property
-    def first_event_time(self) -> int:
-        """Unix time of the session's first event."""
-        return self.entries[0].event_time
 
 
 def _time_order(entry: ShardEntry) -> tuple[int, int]:
