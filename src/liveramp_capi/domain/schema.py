@@ -39,9 +39,11 @@ SCHEMA_RESOURCE = "tiktok_event.schema.json"
 def _read_schema(path: str | None) -> dict[str, Any]:
     if path is None:
         text = resources.files("liveramp_capi.schemas").joinpath(SCHEMA_RESOURCE).read_text(encoding="utf-8")
-        return json.loads(text)
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    else:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    schema: dict[str, Any] = json.loads(text)
+    return schema
 
 
 def load_event_schema(path: str | Path | None = None) -> dict[str, Any]:

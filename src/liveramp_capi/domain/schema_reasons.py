@@ -65,7 +65,7 @@ def _expectation(error: ValidationError) -> str | None:
     node: ValidationError | None = error
     while node is not None:
         if isinstance(node.schema, dict) and "x-expect" in node.schema:
-            return node.schema["x-expect"]
+            return str(node.schema["x-expect"])
         node = node.parent
     return None
 
@@ -74,7 +74,7 @@ def _code_hint(error: ValidationError) -> str | None:
     node: ValidationError | None = error
     while node is not None:
         if isinstance(node.schema, dict) and "x-code" in node.schema:
-            return node.schema["x-code"]
+            return str(node.schema["x-code"])
         node = node.parent
     return None
 

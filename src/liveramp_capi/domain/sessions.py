@@ -19,7 +19,7 @@ import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import orjson
 
@@ -36,7 +36,7 @@ class ShardFormatError(ValueError):
     """A shard file line that cannot be parsed (truncated or corrupted spill file)."""
 
 
-def session_grouping_key(event: dict, session_id: str | None) -> str:
+def session_grouping_key(event: dict[str, Any], session_id: str | None) -> str:
     """Return the key whose events may share a batch.
 
     An explicit session id wins. Without one, the user's identity stands in: the envelope
@@ -146,7 +146,7 @@ class ShardWriter:
         event_time: int,
         event_id: str,
         user_key: str | None,
-        event: dict,
+        event: dict[str, Any],
         envelope_issued_at: int | None = None,
         envelope_expires_at: int | None = None,
     ) -> int:

@@ -123,8 +123,8 @@ class RecordValidator:
         """
         value = record.value
         if record.error is not None or value is None:
-            violation = record.error or Violation("invalid_json", "", "record could not be read")
-            return Rejected(record.file, record.line, violation, record.raw, _event_id(value))
+            unreadable = record.error or Violation("invalid_json", "", "record could not be read")
+            return Rejected(record.file, record.line, unreadable, record.raw, _event_id(value))
         violation = self.schema_validator.validate(value)
         if violation is not None:
             return Rejected(record.file, record.line, violation, record.raw, _event_id(value))

@@ -50,7 +50,7 @@ class ConnectionConfig(Protocol):
 ConfigT = TypeVar("ConfigT", bound=ConnectionConfig)
 
 
-class LiveRampHttpHook(HttpHook, Generic[ConfigT]):  # type: ignore[misc]
+class LiveRampHttpHook(HttpHook, Generic[ConfigT]):
     """Base of the LiveRamp hooks: base URL rules, extra splitting, URL-free errors.
 
     Only ``HttpHook``'s public surface is used (``get_connection``, ``get_conn``, ``run``,
@@ -215,7 +215,7 @@ class LiveRampHttpHook(HttpHook, Generic[ConfigT]):  # type: ignore[misc]
                 timeout=extra_options.get("timeout"),
                 allow_redirects=extra_options.get("allow_redirects", False),
                 **session.merge_environment_settings(
-                    prepped_request.url,
+                    prepped_request.url or "",
                     proxies=session.proxies,
                     stream=session.stream,
                     verify=session.verify,
