@@ -61,20 +61,12 @@ def _field_name(name: str) -> str:
     return json.dumps(name if len(name) <= 100 else name[:100] + "...")
 
 
-def _expectation(error: ValidationError) -> str | None:
+def _annotation(error: ValidationError, keyword: str) -> str | None:
+    """The nearest ``x-expect`` / ``x-code`` annotation from the failing subschema outwards."""
     node: ValidationError | None = error
     while node is not None:
-        if isinstance(node.schema, dict) and "x-expect" in node.schema:
-            return str(node.schema["x-expect"])
-        node = node.parent
-    return None
-
-
-def _code_hint(error: ValidationError) -> str | None:
-    node: ValidationError | None = error
-    while node is not None:
-        if isinstance(node.schema, dict) and "x-code" in node.schema:
-            return str(node.schema["x-code"])
+        if isinstance(node.schema, dict) and keyword in node.schema:
+            return str(node.schema[keyword])
         node = node.parent
     return None
 
@@ -175,7 +167,7 @@ def _event_type(error: ValidationError) -> Violation:
     standard = error.validator_value if error.validator == "enum" else []
     if error.validator != "enum":
         return Violation(
-            "invalid_event_type", "/event_type", f"event_type {shown} {_expectation(error) or 'is invalid'}"
+            "invalid_event_type", "/event_type", f"event_type {shown} {_annotation(error, 'x-expect') or 'is invalid'}"
         )
     reason = f"event_type {shown} is not a TikTok standard web or app event (names are case-sensitive)"
     same_but_case = [name for name in standard if name.lower() == value.lower()]
@@ -203,8 +195,8 @@ def violation_from_error(error: ValidationError, record: Any) -> Violation:
             return special
     if path == ["event_type"]:
         return _event_type(error)
-    sentence = _expectation(error) or _keyword_sentence(error)
-    code = _code_hint(error) or "schema"
+    sentence = _annotation(error, "x-expect") or _keyword_sentence(error)
+    code = _annotation(error, "x-code") or "schema"
     label = _label(path, record)
     if code == "invalid_currency" and isinstance(error.instance, str) and len(error.instance) <= 16:
         # Currency codes are public reference data, so quoting the value helps and leaks nothing.

@@ -72,14 +72,13 @@ class LiveRampCapiHook(LiveRampHttpHook[CapiConnectionConfig]):
 
     def __init__(self, liveramp_capi_conn_id: str = default_conn_name, **kwargs: Any) -> None:
         super().__init__(method="POST", http_conn_id=liveramp_capi_conn_id, **kwargs)
-        self.liveramp_capi_conn_id = liveramp_capi_conn_id
 
     def _read_config(self, connection: Any) -> CapiConnectionConfig:
         base_url = self._base_url_of(connection)
         config_id = (connection.password or "").strip()
         if not config_id:
             raise CapiConfigError(
-                f"connection {self.liveramp_capi_conn_id} has no ATS configuration ID (password)"
+                f"connection {self.http_conn_id} has no ATS configuration ID (password)"
             )
         settings, remaining = self._split_extra(connection, base_url)
         return CapiConnectionConfig(base_url, config_id, settings, self._headers_of(remaining))

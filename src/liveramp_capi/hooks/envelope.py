@@ -76,7 +76,6 @@ class LiveRampEnvelopeHook(LiveRampHttpHook[EnvelopeConnectionConfig]):
 
     def __init__(self, liveramp_envelope_conn_id: str = default_conn_name, **kwargs: Any) -> None:
         super().__init__(method="GET", http_conn_id=liveramp_envelope_conn_id, **kwargs)
-        self.liveramp_envelope_conn_id = liveramp_envelope_conn_id
 
     # -- connection handling -----------------------------------------------------------------
 
@@ -93,10 +92,10 @@ class LiveRampEnvelopeHook(LiveRampHttpHook[EnvelopeConnectionConfig]):
         origin = remaining.pop("origin", None)
         if pid is None or not str(pid).strip() or isinstance(pid, dict | list | bool):
             raise CapiConfigError(
-                f"connection {self.liveramp_envelope_conn_id} has no placement id (extra key 'pid')"
+                f"connection {self.http_conn_id} has no placement id (extra key 'pid')"
             )
         if origin is not None and not isinstance(origin, str):
-            raise CapiConfigError(f"connection {self.liveramp_envelope_conn_id}: extra key 'origin' must be a string")
+            raise CapiConfigError(f"connection {self.http_conn_id}: extra key 'origin' must be a string")
         headers = self._headers_of(remaining)
         return EnvelopeConnectionConfig(base_url, str(pid).strip(), origin or None, settings, headers)
 

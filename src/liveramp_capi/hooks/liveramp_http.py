@@ -72,6 +72,8 @@ class LiveRampHttpHook(HttpHook, Generic[ConfigT]):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # The connection ID also under the subclass's own name (e.g. ``liveramp_capi_conn_id``).
+        setattr(self, self.conn_name_attr, self.http_conn_id)
         self._config: ConfigT | None = None
 
     def _read_config(self, connection: Any) -> ConfigT:
