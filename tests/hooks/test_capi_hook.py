@@ -8,10 +8,12 @@ import socket
 
 import orjson
 import pytest
+from airflow.providers.http.hooks.http import HttpHook
 
 from liveramp_capi.delivery.sender import DeliveryOutcome, RawBatch
 from liveramp_capi.delivery.settings import TUNING_KEYS, CapiConfigError
 from liveramp_capi.hooks.capi import CapiRequestError, LiveRampCapiHook
+from liveramp_capi.hooks.envelope import LiveRampEnvelopeHook
 
 ENV = "AIRFLOW_CONN_LIVERAMP_CAPI_DEFAULT"
 
@@ -111,6 +113,29 @@ def test_tuning_keys_never_become_session_headers(monkeypatch) -> None:
     assert session.headers["X-Team"] == "growth"
     assert not {k.lower() for k in session.headers} & TUNING_KEYS
     assert session.verify is True
+
+
+def test_http_options_of_the_extra_shape_the_session_and_run_options_win(monkeypatch) -> None:
+    extra = {"max_redirects": 3, "trust_env": False, "proxies": {"https": "http://127.0.0.1:3128"}, "timeout": 7}
+    set_connection(monkeypatch, host="http://127.0.0.1:8099", password="cfg-secret-1234", extra=extra)
+    hook = LiveRampCapiHook()
+    session = hook.get_conn(headers={"X-Call": "1"}, extra_options={"timeout": 2, "check_response": False})
+    assert (session.max_redirects, session.trust_env) == (3, False)
+    assert session.proxies == {"https": "http://127.0.0.1:3128"}
+    assert session.headers["X-Call"] == "1"
+    assert not {"max_redirects", "trust_env", "proxies", "timeout"} & {k.lower() for k in session.headers}
+    # HttpHook.run() sends with these: the call's options over the connection's.
+    assert hook.merged_extra["timeout"] == 2 and hook.merged_extra["check_response"] is False
+    assert hook.url_from_endpoint("send-events/x") == "http://127.0.0.1:8099/send-events/x"
+    assert hook.liveramp_capi_conn_id == "liveramp_capi_default"
+
+
+def test_the_hooks_override_no_private_member_of_httphook() -> None:
+    # The provider's private methods may change in any release; only its public surface is ours.
+    private = {name for name in vars(HttpHook) if name.startswith("_") and not name.startswith("__")}
+    for hook in (LiveRampCapiHook, LiveRampEnvelopeHook):
+        ours = hook.__mro__[: hook.__mro__.index(HttpHook)]
+        assert not private & {name for klass in ours for name in vars(klass)}, hook
 
 
 def test_default_host_is_liveramp_over_https(monkeypatch) -> None:
