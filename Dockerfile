@@ -20,9 +20,7 @@ COPY --chown=airflow:0 pyproject.toml README.md /opt/capi/
 COPY --chown=airflow:0 src /opt/capi/src
 RUN pip install --no-cache-dir --no-deps /opt/capi
 
-# DAGs, the console plugin, the sample partition and the local stand-in of LiveRamp (the event
-# schema ships inside the package).
+# DAGs and the console plugin (the event schema ships inside the package). Development tools
+# (devtools/: the stand-in, the bench, the demo, the sample partition) never enter the image.
 COPY --chown=airflow:0 dags /opt/airflow/dags
 COPY --chown=airflow:0 plugins /opt/airflow/plugins
-COPY --chown=airflow:0 include /opt/airflow/include
-ENV PYTHONPATH=/opt/airflow/include

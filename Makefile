@@ -7,11 +7,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint typecheck unit bench airflow deployment-test constraints clean browser
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml devtools/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-dev.txt -c constraints.txt
-	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip install --quiet --no-deps -e . -e devtools
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,20 +35,20 @@ browser:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 
 demo: $(STAMP)
-	$(BIN)/python include/demo.py
+	$(BIN)/python -m capi_devtools.demo
 
 # The Airflow UI on this machine (airflow standalone, SQLite) with the DAGs, the stand-in and the
 # sample partition wired in: http://localhost:8080, user admin, password in
 # .airflow/home/simple_auth_manager_passwords.json.generated.
 airflow: $(STAMP)
-	$(BIN)/python include/airflow_local.py
+	$(BIN)/python -m capi_devtools.airflow_local
 
 # The distributed deployment proof alone: PostgreSQL + Redis + Celery workers (needs both running).
 deployment-test: $(STAMP)
 	$(BIN)/pytest -q tests/deployment
 
 bench: $(STAMP)
-	$(BIN)/python include/bench.py
+	$(BIN)/python -m capi_devtools.bench
 
 constraints: $(STAMP)
 	( echo '# Every package installed into .venv, pinned (pip freeze of a working environment). Regenerate with `make constraints`.'; \

@@ -1,29 +1,25 @@
 from __future__ import annotations
 
 import socket
-import sys
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from s3_fixture import S3Server, running_s3
-from standin_fixture import StandInProcess, running_standin
+from capi_devtools.s3_fixture import S3Server, running_s3
+from capi_devtools.standin_fixture import StandInProcess, running_standin
 
 
 @pytest.fixture
 def standin() -> Iterator[StandInProcess]:
-    """A fresh local LiveRamp stand-in subprocess (see tests/standin_fixture.py)."""
+    """A fresh local LiveRamp stand-in subprocess (see capi_devtools.standin_fixture)."""
     with running_standin() as handle:
         yield handle
 
 
 @pytest.fixture
 def s3() -> Iterator[S3Server]:
-    """A fresh S3-compatible server (moto) on loopback with authentication (see tests/s3_fixture.py)."""
+    """A fresh S3-compatible server (moto) on loopback with authentication (see capi_devtools.s3_fixture)."""
     with running_s3() as server:
         yield server
 

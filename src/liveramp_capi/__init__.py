@@ -6,10 +6,12 @@ tested and benchmarked alone; ``hooks`` and ``operators`` are thin Airflow adapt
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
 
 
-def get_provider_info() -> dict:
+def get_provider_info() -> dict[str, Any]:
     """Describe this package to Airflow's ProvidersManager (``apache_airflow_provider`` entry point).
 
     Registering the connection types here is what gives ``liveramp_capi``, ``liveramp_envelope``

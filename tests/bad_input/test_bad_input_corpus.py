@@ -10,20 +10,15 @@ to the sum of the table, and exactly the valid events reach the stand-in.
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "faults"),
-                str(Path(__file__).resolve().parents[1] / "integration")]
-
-from conversions_run import configure_pipeline, output_json, output_jsonl, yesterday  # noqa: E402
-from corpus import ENVELOPE, EXPECTED, case_bytes, case_names, stage_case  # noqa: E402
-from fault_support import run_dag_once, task_context  # noqa: E402
-
-from liveramp_capi.domain.partition import PartitionLayout, run_key  # noqa: E402
+from liveramp_capi.domain.partition import PartitionLayout, run_key
+from tests.bad_input.corpus import ENVELOPE, EXPECTED, case_bytes, case_names, stage_case
+from tests.support.conversions_run import configure_pipeline, output_json, output_jsonl, yesterday
+from tests.support.fault_support import run_dag_once, task_context
 
 RUN_ID = "manual__bad_input"
 

@@ -6,21 +6,16 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-_TESTS = Path(__file__).resolve().parents[1]
-for _folder in (_TESTS / "console", _TESTS / "integration"):
-    if str(_folder) not in sys.path:
-        sys.path.insert(0, str(_folder))
+import pytest
 
-import pytest  # noqa: E402
-from console_demo import STANDIN_ARGS, stage_refused_partition  # noqa: E402
-from conversions_run import configure_pipeline, run_conversions  # noqa: E402
-from sample_partition import stage_sample_partition  # noqa: E402
-from standin_fixture import running_standin  # noqa: E402
+from capi_devtools.console_demo import STANDIN_ARGS, stage_refused_partition
+from capi_devtools.sample_partition import stage_sample_partition
+from capi_devtools.standin_fixture import running_standin
+from tests.support.conversions_run import configure_pipeline, run_conversions
 
 
 @dataclass(frozen=True)

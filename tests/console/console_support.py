@@ -16,8 +16,8 @@ def sample_secrets() -> set[str]:
     import csv
     import json
 
-    from console_demo import REFUSED_EVENT_ID
-    from sample_partition import SAMPLE_DIR
+    from capi_devtools.console_demo import REFUSED_EVENT_ID
+    from capi_devtools.sample_partition import SAMPLE_DIR
 
     found: set[str] = {REFUSED_EVENT_ID}
 

@@ -8,9 +8,9 @@ import json
 import sqlite3
 
 import pytest
-from console_support import sample_secrets, token_for
 
 from liveramp_capi.domain.partition import PartitionLayout, run_key
+from tests.console.console_support import sample_secrets, token_for
 
 pytestmark = pytest.mark.airflow
 

@@ -17,10 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from airflow_env import REPO
 
-sys.path.insert(0, str(REPO / "tests" / "deployment"))
-from distributed import Component, free_port, wait_for
+from capi_devtools import REPO
+from tests.support.distributed import Component, free_port, wait_for
 
 pytestmark = pytest.mark.airflow
 

@@ -10,9 +10,10 @@ import time
 from collections import Counter
 
 import pytest
-from conversions_run import configure_pipeline, output_json, run_conversions, yesterday
-from sample_partition import stage_sample_partition
-from standin_fixture import running_standin
+
+from capi_devtools.sample_partition import stage_sample_partition
+from capi_devtools.standin_fixture import running_standin
+from tests.support.conversions_run import configure_pipeline, output_json, run_conversions, yesterday
 
 pytestmark = pytest.mark.airflow
 

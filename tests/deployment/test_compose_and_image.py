@@ -86,8 +86,25 @@ def test_standin_is_an_opt_in_profile_unreachable_from_the_host(compose: dict) -
     assert standin["profiles"] == ["standin"]
     assert "ports" not in standin  # reachable from the compose network only
     command = " ".join(standin["command"])
-    assert "include/liveramp_standin.py --host 127.0.0.1" in command
-    assert "include/standin_gateway.py" in command
+    # The image ships no development tool: the stand-in's scripts come from a read-only mount.
+    assert "./devtools/capi_devtools:/opt/capi-devtools:ro" in standin["volumes"]
+    assert "/opt/capi-devtools/liveramp_standin.py --host 127.0.0.1" in command
+    assert "/opt/capi-devtools/standin_gateway.py" in command
+
+
+def test_image_ships_no_development_tool() -> None:
+    """Only the package, the DAGs and the plugin enter the image; devtools/ never does."""
+    text = (REPO / "Dockerfile").read_text()
+    copied = {source for line in re.findall(r"^COPY (?:--\S+ )*(.+)$", text, re.M) for source in line.split()[:-1]}
+    assert copied == {"requirements.txt", "constraints.txt", "pyproject.toml", "README.md", "src", "dags", "plugins"}
+    assert "PYTHONPATH" not in text
+    assert "devtools" in (REPO / ".dockerignore").read_text().split()
+    # Nothing the image does carry names a development tool: no module, no import.
+    devtools = {path.stem for path in (REPO / "devtools" / "capi_devtools").glob("*.py")} - {"__init__"}
+    shipped = [path for folder in ("src", "dags", "plugins") for path in (REPO / folder).rglob("*.py")]
+    assert shipped and not {path.stem for path in shipped} & devtools
+    for path in shipped:
+        assert not re.search(r"^\s*(from|import) capi_devtools", path.read_text(), re.M), path
 
 
 def test_dockerfile_bakes_pinned_requirements_and_the_package_into_airflow_3_3_2() -> None:

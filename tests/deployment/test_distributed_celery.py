@@ -26,12 +26,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from deployment.distributed import (
+
+from capi_devtools.sample_partition import SAMPLE_DIR
+from tests.support.distributed import (
     PG_HOST,
     PG_PORT,
     REDIS_HOST,
     REDIS_PORT,
-    REPO,
     Deployment,
     reachable,
     wait_for,
@@ -47,7 +48,7 @@ SETTLED = {"success", "failed", "up_for_retry", "upstream_failed", "skipped"}
 
 
 def _template_event() -> dict:
-    line = (REPO / "include" / "sample" / "conversions" / "web-events.jsonl").read_text().splitlines()[0]
+    line = (SAMPLE_DIR / "web-events.jsonl").read_text().splitlines()[0]
     return json.loads(line)
 
 
@@ -87,7 +88,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         pytest.skip(f"PostgreSQL is not reachable on {PG_HOST}:{PG_PORT}: the distributed deployment test needs it")
     if not reachable(REDIS_HOST, REDIS_PORT):
         pytest.skip(f"Redis is not reachable on {REDIS_HOST}:{REDIS_PORT}: the distributed deployment test needs it")
-    from standin_fixture import running_standin
+    from capi_devtools.standin_fixture import running_standin
 
     root = tmp_path_factory.mktemp("distributed")
     # One deployment at a time on this machine: two would share (and flush) the same Redis DB.

@@ -13,13 +13,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from airflow_env import REPO
+
+from capi_devtools import airflow_local
 
 pytestmark = pytest.mark.airflow
 
 
 def _load_airflow_local(home: Path):
-    spec = importlib.util.spec_from_file_location("airflow_local_under_test", REPO / "include" / "airflow_local.py")
+    spec = importlib.util.spec_from_file_location("airflow_local_under_test", Path(airflow_local.__file__))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.HOME = home

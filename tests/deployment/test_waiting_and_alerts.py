@@ -181,7 +181,8 @@ def test_deadline_alert_is_configurable(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_dag_wires_the_sensor_notifier_and_deadline(monkeypatch: pytest.MonkeyPatch, airflow_db) -> None:
     from airflow.dag_processing.dagbag import DagBag
-    from airflow_env import REPO
+
+    from capi_devtools import REPO
 
     monkeypatch.setenv("CAPI_PARTITION_DEADLINE_MINUTES", "120")
     dag = DagBag(dag_folder=str(REPO / "dags" / "tiktok_conversions.py")).get_dag("tiktok_conversions")
@@ -198,13 +199,13 @@ def test_dag_wires_the_sensor_notifier_and_deadline(monkeypatch: pytest.MonkeyPa
 @pytest.mark.airflow
 def test_a_late_partition_is_waited_for_in_the_triggerer(airflow_db, standin, tmp_path, monkeypatch):
     """dag.test() runs deferred tasks through an in-process triggerer: the run waits, then delivers."""
-    from integration.conversions_run import (
+    from capi_devtools.sample_partition import stage_sample_partition
+    from tests.support.conversions_run import (
         configure_pipeline,
         run_conversions,
         sample_valid_event_ids,
         yesterday,
     )
-    from sample_partition import stage_sample_partition
 
     partition = yesterday()
     configure_pipeline(monkeypatch, tmp_path, standin)
@@ -222,8 +223,8 @@ def test_a_late_partition_is_waited_for_in_the_triggerer(airflow_db, standin, tm
 
 @pytest.mark.airflow
 def test_a_partition_that_never_completes_fails_with_a_clear_message(airflow_db, standin, tmp_path, monkeypatch):
-    from integration.conversions_run import configure_pipeline, run_conversions, yesterday
-    from sample_partition import stage_sample_partition
+    from capi_devtools.sample_partition import stage_sample_partition
+    from tests.support.conversions_run import configure_pipeline, run_conversions, yesterday
 
     partition = yesterday()
     configure_pipeline(monkeypatch, tmp_path, standin)

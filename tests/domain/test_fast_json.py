@@ -6,7 +6,8 @@ import io
 import json
 import random
 
-from liveramp_capi.domain.sources import iter_source_records, json_violation, parse_json_fast
+from liveramp_capi.domain.sources import iter_source_records
+from liveramp_capi.domain.strict_json import json_violation, parse_json_fast
 
 TRICKY_LINES: list[bytes] = [
     b'{"a": 1}',

@@ -16,10 +16,11 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from conversions_run import configure_pipeline, output_json, output_jsonl, yesterday
-from fault_support import ledger_rows, write_partition
-from fault_support import run_dag_once as run_conversions
-from sample_partition import stage_sample_partition
+
+from capi_devtools.sample_partition import stage_sample_partition
+from tests.support.conversions_run import configure_pipeline, output_json, output_jsonl, yesterday
+from tests.support.fault_support import ledger_rows, write_partition
+from tests.support.fault_support import run_dag_once as run_conversions
 
 pytestmark = pytest.mark.airflow
 

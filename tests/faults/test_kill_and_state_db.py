@@ -1,6 +1,6 @@
 """A send task killed mid-partition, and a state database that is unreachable or locked.
 
-The kill runs ``airflow dags test`` in its own process group (the way ``include/demo.py`` runs
+The kill runs ``airflow dags test`` in its own process group (the way ``capi_devtools.demo`` runs
 the DAG), waits until the stand-in has recorded some but not all batches and SIGKILLs the group:
 no ``finally``, no flush. The rerun must finish the partition, re-sending only batches the ledger
 still holds ``in_flight`` (their outcome is unknown; TikTok deduplicates their event_ids).
@@ -19,9 +19,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conversions_run import configure_pipeline, output_json, yesterday
-from fault_support import free_port, ledger_rows, run_dag_once, task_context, write_partition
-from sample_partition import stage_sample_partition
+
+from capi_devtools.sample_partition import stage_sample_partition
+from tests.support.conversions_run import configure_pipeline, output_json, yesterday
+from tests.support.fault_support import free_port, ledger_rows, run_dag_once, task_context, write_partition
 
 pytestmark = pytest.mark.airflow
 

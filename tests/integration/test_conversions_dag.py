@@ -6,7 +6,9 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from conversions_run import (
+
+from capi_devtools.sample_partition import stage_sample_partition
+from tests.support.conversions_run import (
     SAMPLE_DUPLICATES,
     SAMPLE_REJECTED_COUNT,
     configure_pipeline,
@@ -17,7 +19,6 @@ from conversions_run import (
     sample_valid_event_ids,
     yesterday,
 )
-from sample_partition import stage_sample_partition
 
 pytestmark = pytest.mark.airflow
 

@@ -12,7 +12,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conversions_run import (
+
+from capi_devtools.sample_partition import stage_sample_partition
+from tests.support.conversions_run import (
     SAMPLE_REJECTED_COUNT,
     configure_pipeline,
     output_json,
@@ -22,7 +24,6 @@ from conversions_run import (
     sample_valid_event_ids,
     yesterday,
 )
-from sample_partition import stage_sample_partition
 
 pytestmark = pytest.mark.airflow
 

@@ -9,12 +9,18 @@ import time
 from pathlib import Path
 
 import pytest
-from conversions_run import configure_pipeline, output_json, output_jsonl, run_conversions, yesterday
 
 from liveramp_capi.domain.consent import DAY_SECONDS, Consent
 from liveramp_capi.domain.envelopes import ACTIVE, CONSENT_MISSING, EXPIRED, REFRESH_FAILED, EnvelopeRecord
 from liveramp_capi.state.database import make_engine
 from liveramp_capi.state.envelope_store import EnvelopeStore
+from tests.support.conversions_run import (
+    configure_pipeline,
+    output_json,
+    output_jsonl,
+    run_conversions,
+    yesterday,
+)
 
 pytestmark = pytest.mark.airflow
 
@@ -41,7 +47,8 @@ def _configure_refresh(monkeypatch: pytest.MonkeyPatch, root: Path, standin, max
 
 def _run_refresh() -> tuple[str, dict]:
     from airflow.dag_processing.dagbag import DagBag
-    from airflow_env import REPO
+
+    from capi_devtools import REPO
 
     bag = DagBag(dag_folder=str(REPO / "dags" / "ats_envelope_refresh.py"))
     assert not bag.import_errors, bag.import_errors

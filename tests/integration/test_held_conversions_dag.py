@@ -11,7 +11,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conversions_run import configure_pipeline, output_json, output_jsonl, run_conversions
+
+from tests.support.conversions_run import configure_pipeline, output_json, output_jsonl, run_conversions
 
 pytestmark = pytest.mark.airflow
 

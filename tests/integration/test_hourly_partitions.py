@@ -12,15 +12,17 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conversions_run import configure_pipeline, output_json, yesterday
-from faults.fault_support import generate_events, write_partition
+
+from tests.support.conversions_run import configure_pipeline, output_json, yesterday
+from tests.support.fault_support import generate_events, write_partition
 
 pytestmark = pytest.mark.airflow
 
 
 def run(dag_file: str, dag_id: str, partition: str) -> str:
     from airflow.dag_processing.dagbag import DagBag
-    from airflow_env import REPO
+
+    from capi_devtools import REPO
 
     bag = DagBag(dag_folder=str(REPO / "dags" / dag_file))
     assert not bag.import_errors, bag.import_errors

@@ -13,14 +13,15 @@ import time
 from collections import Counter
 
 import pytest
-from conversions_run import (
+
+from capi_devtools.sample_partition import stage_sample_partition
+from tests.support.conversions_run import (
     SAMPLE_REJECTED_COUNT,
     configure_pipeline,
     run_conversions,
     sample_valid_event_ids,
     yesterday,
 )
-from sample_partition import stage_sample_partition
 
 LANDING_BUCKET, OUTPUT_BUCKET = "capi-landing", "capi-output"
 LANDING_PREFIX, OUTPUT_PREFIX = "feeds/tiktok", "delivery/tiktok"
@@ -205,12 +206,7 @@ def test_validate_streams_a_large_gzip_partition_on_s3_in_bounded_memory(tmp_pat
     its fixed buffers (three 8 MiB blocks), not files: with s3fs's default 50 MiB blocks the growth
     exceeded file://'s by about 110 MiB.
     """
-    import sys
-
-    from airflow_env import REPO
-
-    sys.path.insert(0, str(REPO / "include"))
-    from bench_object_storage import bench_rows
+    from capi_devtools.bench_object_storage import bench_rows
 
     rows = {row["figure"].split(",")[0].split(" 3")[0]: row for row in bench_rows(tmp_path, events=300_000)}
     growth = rows["s3: validate RSS growth"]

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conversions_run import configure_pipeline, output_json, sample_valid_event_ids, yesterday
-from sample_partition import stage_sample_partition
+
+from capi_devtools.sample_partition import stage_sample_partition
+from tests.support.conversions_run import configure_pipeline, output_json, sample_valid_event_ids, yesterday
 
 pytestmark = pytest.mark.airflow
 
@@ -34,7 +35,8 @@ def _run(partition: str, *, retries: int = 2, **task_changes: Any) -> tuple[str,
     from airflow.dag_processing.dagbag import DagBag
     from airflow.models import TaskInstance
     from airflow.utils.session import create_session
-    from airflow_env import REPO
+
+    from capi_devtools import REPO
 
     dag = DagBag(dag_folder=str(REPO / "dags" / "tiktok_conversions.py")).get_dag("tiktok_conversions")
     for task in dag.tasks:
@@ -88,7 +90,7 @@ def test_two_runs_of_one_partition_started_together_deliver_every_event_once(
     neither can ask Airflow about the other's run: only the claim in the state database keeps
     them apart. The second run waits for the first, then finds everything acknowledged.
     """
-    from faults.fault_support import write_partition
+    from tests.support.fault_support import write_partition
 
     partition = yesterday()
     generated = write_partition(tmp_path / "landing", partition, users=60, seed=31)

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from capi_devtools.standin_fixture import STANDIN_SCRIPT
 from liveramp_capi.delivery.settings import CapiConfigError, CapiSettings, check_base_url
 from liveramp_capi.domain.partition import InvalidPartition, InvalidRoot, check_root, parse_partition
 
 REPO = Path(__file__).resolve().parents[2]
-STANDIN = REPO / "include" / "liveramp_standin.py"
+STANDIN = STANDIN_SCRIPT
 
 
 @pytest.mark.parametrize(

@@ -18,18 +18,14 @@ import json
 import logging
 import os
 import sqlite3
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-_TESTS = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(_TESTS / "faults"), str(_TESTS / "integration")]
-
-from conversions_run import configure_pipeline, output_jsonl, yesterday  # noqa: E402
-from fault_support import run_dag_once, write_partition  # noqa: E402
-from liveramp_standin import _refreshed_envelope  # noqa: E402
+from capi_devtools.liveramp_standin import _refreshed_envelope
+from tests.support.conversions_run import configure_pipeline, output_jsonl, yesterday
+from tests.support.fault_support import run_dag_once, write_partition
 
 pytestmark = pytest.mark.airflow
 

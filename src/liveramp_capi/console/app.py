@@ -59,7 +59,7 @@ def state_engine() -> Engine:
 #: How long the envelope health figures are reused: one grouped scan of the store (about a
 #: second per million rows on SQLite, see `make bench`) for a picture that changes once a day.
 HEALTH_TTL_SECONDS = 60.0
-_health_cache: dict[tuple[str, int], tuple[float, dict[str, Any]]] = {}
+_health_cache: dict[tuple[str, float], tuple[float, dict[str, Any]]] = {}
 
 
 def envelope_health(engine: Engine, remaining_share: float) -> dict[str, Any]:

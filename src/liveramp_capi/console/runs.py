@@ -97,7 +97,7 @@ def partition_of(conf: Any, partition_key: str | None, logical_date: dt.datetime
         except ValueError:
             conf = None
     if isinstance(conf, dict) and isinstance(conf.get("partition"), str) and conf["partition"]:
-        return conf["partition"]
+        return str(conf["partition"])
     if partition_key:
         return partition_key
     return logical_date.date().isoformat() if logical_date else None

@@ -99,7 +99,7 @@ class OutputRoot:
         layout = PartitionLayout(partition, run_key(run_id))
         validation = _read_json(self.root / layout.folder / layout.validation)
         shards = (validation or {}).get("shards")
-        if not isinstance(shards, list) or not 0 <= map_index < len(shards):
+        if validation is None or not isinstance(shards, list) or not 0 <= map_index < len(shards):
             return None
         shard = int(shards[map_index])
         result = _read_json(self.root / layout.folder / layout.result(shard)) or {}
@@ -134,10 +134,11 @@ def _read_json(path: ObjectStoragePath) -> dict[str, Any] | None:
 @lru_cache(maxsize=4096)
 def _parse_cached(url: str, _protocol: Any, _modified: str, _size: str) -> dict[str, Any] | None:
     try:
-        with ObjectStoragePath(url).open("rb") as stream:
+        with ObjectStoragePath(url).open("rb") as stream:  # type: ignore[no-untyped-call]
             document = json.loads(stream.read())
     except (FileNotFoundError, OSError, ValueError):
         return None
     if not isinstance(document, Mapping):
         return None
-    return redact(document)
+    redacted: dict[str, Any] = redact(document)
+    return redacted

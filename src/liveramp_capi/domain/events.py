@@ -12,8 +12,6 @@ from typing import Any
 
 from liveramp_capi.domain.schema import load_event_schema
 
-DEVICE_ID_FIELDS: tuple[str, ...] = ("idfa", "idfv", "gaid")
-
 
 def pipeline_fields(schema: dict[str, Any]) -> frozenset[str]:
     """Top-level properties of ``schema`` marked ``"x-pipeline-only": true``.
@@ -30,21 +28,6 @@ def pipeline_fields(schema: dict[str, Any]) -> frozenset[str]:
 
 #: Pipeline-only field names of the shipped schema.
 PIPELINE_FIELDS: frozenset[str] = pipeline_fields(load_event_schema())
-
-
-def split_pipeline_fields(
-    record: dict[str, Any], fields: frozenset[str] = PIPELINE_FIELDS
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split ``record`` into (event to send, pipeline-only fields). ``record`` is not modified.
-
-    :param record: a validated input record.
-    :param fields: pipeline-only field names; default those of the shipped schema.
-    """
-    event: dict[str, Any] = {}
-    pipeline: dict[str, Any] = {}
-    for name, value in record.items():
-        (pipeline if name in fields else event)[name] = value
-    return event, pipeline
 
 
 def normalize_event(event: dict[str, Any]) -> dict[str, Any]:
@@ -67,16 +50,3 @@ def normalize_event(event: dict[str, Any]) -> dict[str, Any]:
     if isinstance(event_time, float) and event_time.is_integer():
         out["event_time"] = int(event_time)
     return out
-
-
-def identity_of(event: dict[str, Any]) -> tuple[str, ...]:
-    """The identifiers that tie an event to one user: partner_id, then idfa, idfv, gaid if present.
-
-    Used to group events into user sessions; the values are personal data, so never log them.
-
-    :param event: a validated event.
-    """
-    user = event.get("user_data") or {}
-    ids = [user.get("partner_id", "")]
-    ids.extend(user[name] for name in DEVICE_ID_FIELDS if user.get(name))
-    return tuple(str(value) for value in ids)

@@ -19,7 +19,7 @@ import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import orjson
 
@@ -36,7 +36,7 @@ class ShardFormatError(ValueError):
     """A shard file line that cannot be parsed (truncated or corrupted spill file)."""
 
 
-def session_grouping_key(event: dict, session_id: str | None) -> str:
+def session_grouping_key(event: dict[str, Any], session_id: str | None) -> str:
     """Return the key whose events may share a batch.
 
     An explicit session id wins. Without one, the user's identity stands in: the envelope
@@ -66,15 +66,6 @@ def key_hash(key: str) -> int:
     :param key: a key from :func:`session_grouping_key`.
     """
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 1
-
-
-def shard_of(key_hash: int, shard_count: int) -> int:
-    """Return the shard (``0..shard_count-1``) that holds the key with this hash.
-
-    :param key_hash: a value from :func:`key_hash`.
-    :param shard_count: the number of shards of the partition.
-    """
-    return key_hash % shard_count
 
 
 def plan_shard_count(estimated_events: int, *, events_per_shard: int = 100_000, max_shards: int = 256) -> int:
@@ -155,7 +146,7 @@ class ShardWriter:
         event_time: int,
         event_id: str,
         user_key: str | None,
-        event: dict,
+        event: dict[str, Any],
         envelope_issued_at: int | None = None,
         envelope_expires_at: int | None = None,
     ) -> int:
@@ -287,11 +278,6 @@ class Session:
     key: str
     key_hash: int
     entries: list[ShardEntry]
-
-    @property
-    def first_event_time(self) -> int:
-        """Unix time of the session's first event."""
-        return self.entries[0].event_time
 
 
 def _time_order(entry: ShardEntry) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from liveramp_capi.domain.events import (
     pipeline_fields,
 )
 from liveramp_capi.domain.schema import EventSchemaValidator
-from liveramp_capi.domain.sources import MAX_RAW_BYTES, SourceRecord
+from liveramp_capi.domain.source_lines import MAX_RAW_BYTES, SourceRecord
 from liveramp_capi.domain.violations import Violation
 
 TRUNCATION_MARKER = "...[truncated]"
@@ -123,8 +123,8 @@ class RecordValidator:
         """
         value = record.value
         if record.error is not None or value is None:
-            violation = record.error or Violation("invalid_json", "", "record could not be read")
-            return Rejected(record.file, record.line, violation, record.raw, _event_id(value))
+            unreadable = record.error or Violation("invalid_json", "", "record could not be read")
+            return Rejected(record.file, record.line, unreadable, record.raw, _event_id(value))
         violation = self.schema_validator.validate(value)
         if violation is not None:
             return Rejected(record.file, record.line, violation, record.raw, _event_id(value))
@@ -135,8 +135,8 @@ class RecordValidator:
             return Rejected(record.file, record.line, violation, record.raw, event_id)
         if self.duplicates.seen_before(event_id, value["event_type"]):
             return Duplicate(record.file, record.line, event_id)
-        # One pass over the record instead of split_pipeline_fields + normalize_event (same
-        # result; this runs a million times per partition).
+        # Pipeline-only fields split off in one pass, normalize_event only when needed: this runs
+        # a million times per partition.
         fields = self._pipeline_fields
         event: dict[str, Any] = {}
         pipeline: dict[str, Any] = {}
@@ -197,18 +197,6 @@ class ValidationTally:
             code = outcome.violation.code
             self.rejected_by_code[code] = self.rejected_by_code.get(code, 0) + 1
 
-    def merge(self, other: ValidationTally) -> ValidationTally:
-        """Add ``other``'s counts into this tally and return it.
-
-        :param other: another tally (e.g. of another file).
-        """
-        self.read += other.read
-        self.valid += other.valid
-        self.duplicates += other.duplicates
-        for code, count in other.rejected_by_code.items():
-            self.rejected_by_code[code] = self.rejected_by_code.get(code, 0) + count
-        return self
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready counts (codes sorted) for XCom and the run report."""
         return {
@@ -219,16 +207,3 @@ class ValidationTally:
             "rejected_ratio": round(self.rejected_ratio, 6),
             "rejected_by_code": dict(sorted(self.rejected_by_code.items())),
         }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ValidationTally:
-        """Rebuild a tally from :meth:`to_dict` output.
-
-        :param data: a dict produced by :meth:`to_dict`.
-        """
-        return cls(
-            read=int(data["read"]),
-            valid=int(data["valid"]),
-            duplicates=int(data["duplicates"]),
-            rejected_by_code={str(k): int(v) for k, v in data.get("rejected_by_code", {}).items()},
-        )

@@ -45,7 +45,7 @@ class CapiConnectionConfig(NamedTuple):
         )
 
 
-class LiveRampCapiHook(LiveRampHttpHook):
+class LiveRampCapiHook(LiveRampHttpHook[CapiConnectionConfig]):
     """
     Send conversion batches to LiveRamp's ATS Conversions API adapter.
 
@@ -65,13 +65,23 @@ class LiveRampCapiHook(LiveRampHttpHook):
     hook_name = "LiveRamp ATS Conversions API"
     default_host = "https://capi.analytics.rlcdn.com"
     request_error = CapiRequestError
-    request_failed_message = "request to the Conversions API failed"
-    answered_message = "Conversions API answered"
+    service = "Conversions API"
+    # Whether the configuration ID is valid is not checked: how LiveRamp treats an empty batch
+    # is undocumented, and a real batch would create events.
+    configured_message = "ATS configuration ID is set (not validated)"
 
     def __init__(self, liveramp_capi_conn_id: str = default_conn_name, **kwargs: Any) -> None:
         super().__init__(method="POST", http_conn_id=liveramp_capi_conn_id, **kwargs)
-        self.liveramp_capi_conn_id = liveramp_capi_conn_id
-        self._config: CapiConnectionConfig | None = None
+
+    def _read_config(self, connection: Any) -> CapiConnectionConfig:
+        base_url = self._base_url_of(connection)
+        config_id = (connection.password or "").strip()
+        if not config_id:
+            raise CapiConfigError(
+                f"connection {self.http_conn_id} has no ATS configuration ID (password)"
+            )
+        settings, remaining = self._split_extra(connection, base_url)
+        return CapiConnectionConfig(base_url, config_id, settings, self._headers_of(remaining))
 
     def get_delivery_config(self) -> CapiConnectionConfig:
         """
@@ -80,18 +90,7 @@ class LiveRampCapiHook(LiveRampHttpHook):
         :raises CapiConfigError: when the configuration ID is missing or the extra is invalid;
             the message names the connection ID, never a secret.
         """
-        if self._config is not None:
-            return self._config
-        connection = self.get_connection(self.liveramp_capi_conn_id)
-        base_url = self._base_url_of(connection)
-        config_id = (connection.password or "").strip()
-        if not config_id:
-            raise CapiConfigError(
-                f"connection {self.liveramp_capi_conn_id} has no ATS configuration ID (password)"
-            )
-        settings, remaining = self._split_extra(connection, base_url)
-        self._config = CapiConnectionConfig(base_url, config_id, settings, self._headers_of(remaining))
-        return self._config
+        return self.connection_config()
 
     def get_settings(self) -> CapiSettings:
         """Return the sender tuning of the connection (see :class:`CapiSettings`)."""
@@ -140,25 +139,11 @@ class LiveRampCapiHook(LiveRampHttpHook):
         config = self.get_delivery_config()
         response = self.run(
             endpoint=f"send-events/{quote(config.config_id, safe='')}",
-            data=body,
+            data=body,  # type: ignore[arg-type]  # requests sends bytes as they are; HttpHook's hint is narrower
             headers={"Content-Type": "application/json"},
             extra_options={
                 "check_response": False,
                 "timeout": (config.settings.connect_timeout_seconds, config.settings.timeout_seconds),
             },
         )
-        return response.status_code
-
-    def test_connection(self) -> tuple[bool, str]:
-        """
-        Check that a configuration ID is set and that the base URL answers at all.
-
-        Nothing is posted: how LiveRamp treats an empty batch is undocumented, and a real
-        batch would create events. Any HTTP answer to ``HEAD <base URL>`` (even 404 or 405)
-        proves reachability; whether the configuration ID is valid is not checked.
-        """
-        try:
-            config = self.get_delivery_config()
-        except CapiConfigError as exc:
-            return False, str(exc)
-        return self._probe(config.base_url, config.settings, "ATS configuration ID is set (not validated)")
+        return int(response.status_code)

@@ -50,7 +50,7 @@ class EnvelopeConnectionConfig(NamedTuple):
     headers: dict[str, str]
 
 
-class LiveRampEnvelopeHook(LiveRampHttpHook):
+class LiveRampEnvelopeHook(LiveRampHttpHook[EnvelopeConnectionConfig]):
     """Refresh ATS identity envelopes through LiveRamp's envelope refresh API.
 
     Connection fields: *Base URL* (host; defaults to ``https://api.rlcdn.com``), *Extra*: ``pid``
@@ -71,13 +71,11 @@ class LiveRampEnvelopeHook(LiveRampHttpHook):
     default_host = "https://api.rlcdn.com"
     own_extra_keys = _OWN_KEYS
     request_error = EnvelopeRequestError
-    request_failed_message = "request to the envelope API failed"
-    answered_message = "envelope API answered"
+    service = "envelope API"
+    configured_message = "placement id is set (not validated)"
 
     def __init__(self, liveramp_envelope_conn_id: str = default_conn_name, **kwargs: Any) -> None:
         super().__init__(method="GET", http_conn_id=liveramp_envelope_conn_id, **kwargs)
-        self.liveramp_envelope_conn_id = liveramp_envelope_conn_id
-        self._config: EnvelopeConnectionConfig | None = None
 
     # -- connection handling -----------------------------------------------------------------
 
@@ -87,28 +85,27 @@ class LiveRampEnvelopeHook(LiveRampHttpHook):
             return dataclasses.replace(settings, max_requests_per_second=DEFAULT_REFRESH_RPS)
         return settings
 
-    def get_refresh_config(self) -> EnvelopeConnectionConfig:
-        """Read the Airflow connection once and return what the refresher needs.
-
-        :raises CapiConfigError: when ``pid`` is missing or the extra is invalid (the message
-            names the connection ID and the key, never a value of the extra).
-        """
-        if self._config is not None:
-            return self._config
-        connection = self.get_connection(self.liveramp_envelope_conn_id)
+    def _read_config(self, connection: Any) -> EnvelopeConnectionConfig:
         base_url = self._base_url_of(connection)
         settings, remaining = self._split_extra(connection, base_url)
         pid = remaining.pop("pid", None)
         origin = remaining.pop("origin", None)
         if pid is None or not str(pid).strip() or isinstance(pid, dict | list | bool):
             raise CapiConfigError(
-                f"connection {self.liveramp_envelope_conn_id} has no placement id (extra key 'pid')"
+                f"connection {self.http_conn_id} has no placement id (extra key 'pid')"
             )
         if origin is not None and not isinstance(origin, str):
-            raise CapiConfigError(f"connection {self.liveramp_envelope_conn_id}: extra key 'origin' must be a string")
+            raise CapiConfigError(f"connection {self.http_conn_id}: extra key 'origin' must be a string")
         headers = self._headers_of(remaining)
-        self._config = EnvelopeConnectionConfig(base_url, str(pid).strip(), origin or None, settings, headers)
-        return self._config
+        return EnvelopeConnectionConfig(base_url, str(pid).strip(), origin or None, settings, headers)
+
+    def get_refresh_config(self) -> EnvelopeConnectionConfig:
+        """Read the Airflow connection once and return what the refresher needs.
+
+        :raises CapiConfigError: when ``pid`` is missing or the extra is invalid (the message
+            names the connection ID and the key, never a value of the extra).
+        """
+        return self.connection_config()
 
     # -- refreshing ---------------------------------------------------------------------------
 
@@ -136,11 +133,3 @@ class LiveRampEnvelopeHook(LiveRampHttpHook):
         :param on_outcome: called once per row on the event loop thread; keep it fast.
         """
         return self.get_refresher().refresh_sync(rows, on_outcome)
-
-    def test_connection(self) -> tuple[bool, str]:
-        """Check that ``pid`` is set and that the base URL answers (no envelope is sent)."""
-        try:
-            config = self.get_refresh_config()
-        except CapiConfigError as exc:
-            return False, str(exc)
-        return self._probe(config.base_url, config.settings, "placement id is set (not validated)")

@@ -8,8 +8,7 @@ identifiers in their URLs, so no URL ever reaches a log line or an exception mes
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import requests
 from airflow.providers.http.hooks.http import HttpHook
@@ -34,31 +33,63 @@ HTTP_OPTION_KEYS = frozenset(
 )
 # HttpHook's own TLS switches would bypass the loopback-only rule of ``verify_tls``.
 REFUSED_KEYS = frozenset({"verify", "verify_ssl"})
+# requests' own default, for a session whose options set none.
+_DEFAULT_MAX_REDIRECTS = 30
 
 
-class _ExtraView:
-    """A connection look-alike whose extra has the tuning keys removed, for HttpHook's helpers."""
+class ConnectionConfig(Protocol):
+    """What every LiveRamp hook reads from its connection, besides its own keys."""
 
-    def __init__(self, host: str | None, extra: dict[str, Any]) -> None:
-        self.host = host
-        self.extra = json.dumps(extra) if extra else ""
-        self.extra_dejson = extra
+    @property
+    def base_url(self) -> str: ...
+
+    @property
+    def settings(self) -> CapiSettings: ...
 
 
-class LiveRampHttpHook(HttpHook):
+ConfigT = TypeVar("ConfigT", bound=ConnectionConfig)
+
+
+class LiveRampHttpHook(HttpHook, Generic[ConfigT]):
     """Base of the LiveRamp hooks: base URL rules, extra splitting, URL-free errors.
 
-    Subclasses set ``default_host``, :attr:`own_extra_keys`, :attr:`request_error` and the two
-    message prefixes.
+    Only ``HttpHook``'s public surface is used (``get_connection``, ``get_conn``, ``run``,
+    ``run_and_check``, ``url_from_endpoint``, ``test_connection``, ``base_url``, ``merged_extra``):
+    the session is built here from the connection, so tuning keys never become headers and the
+    base URL follows the same rules as the async clients. Subclasses set ``default_host``,
+    :attr:`own_extra_keys`, :attr:`request_error`, :attr:`service`, :attr:`configured_message`
+    and implement :meth:`_read_config`.
     """
 
     #: Extra keys of the connection type that are neither tuning keys nor headers.
     own_extra_keys: tuple[str, ...] = ()
     #: The exception raised for transport failures and (when checked) HTTP errors.
     request_error: type[Exception] = ConnectionError
-    #: "request to <service> failed" / "<service> answered HTTP n".
-    request_failed_message = "request failed"
-    answered_message = "service answered"
+    #: Names the service in messages: "request to the <service> failed", "<service> answered HTTP n".
+    service = "service"
+    #: What :meth:`test_connection` reports the connection to hold.
+    configured_message = "connection is set"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The connection ID also under the subclass's own name (e.g. ``liveramp_capi_conn_id``).
+        setattr(self, self.conn_name_attr, self.http_conn_id)
+        self._config: ConfigT | None = None
+
+    def _read_config(self, connection: Any) -> ConfigT:
+        """Read what the client needs from the Airflow connection (once per hook)."""
+        raise NotImplementedError
+
+    def connection_config(self) -> ConfigT:
+        """
+        Read the Airflow connection once and return what the client needs.
+
+        :raises CapiConfigError: when the connection lacks a required field or its extra is
+            invalid; the message names the connection ID and the key, never a secret.
+        """
+        if self._config is None:
+            self._config = self._read_config(self.get_connection(self.http_conn_id))
+        return self._config
 
     def _base_url_of(self, connection: Any) -> str:
         host = (connection.host or "").strip() or self.default_host
@@ -66,7 +97,7 @@ class LiveRampHttpHook(HttpHook):
             host = f"{connection.schema or 'https'}://{host}"
         if connection.port:
             host = f"{host.rstrip('/')}:{connection.port}"
-        return host.rstrip("/")
+        return str(host.rstrip("/"))
 
     def _tuning_defaults(self, settings: CapiSettings, extra: dict[str, Any]) -> CapiSettings:
         """Adjust the settings for keys the extra left unset (nothing by default)."""
@@ -101,44 +132,73 @@ class LiveRampHttpHook(HttpHook):
             headers[key] = str(value).lower() if isinstance(value, bool) else str(value)
         return headers
 
-    def _probe(self, base_url: str, settings: CapiSettings, configured: str) -> tuple[bool, str]:
-        """``test_connection`` body: any HTTP answer to ``HEAD <base URL>/`` proves reachability.
-
-        :param base_url: the connection's base URL.
-        :param settings: for the timeouts.
-        :param configured: what the connection was checked to hold, for the message.
+    def test_connection(self) -> tuple[bool, str]:
         """
+        Check the connection's own fields, then that the base URL answers at all.
+
+        Nothing is sent but ``HEAD <base URL>/``: any HTTP answer (even 404 or 405) proves
+        reachability; whether LiveRamp accepts the credentials is not checked.
+        """
+        try:
+            config = self.connection_config()
+        except CapiConfigError as exc:
+            return False, str(exc)
         session = self.get_conn()
         try:
             response = session.head(
-                base_url + "/",
-                timeout=(settings.connect_timeout_seconds, settings.timeout_seconds),
+                config.base_url + "/",
+                timeout=(config.settings.connect_timeout_seconds, config.settings.timeout_seconds),
                 allow_redirects=False,
             )
         except requests.RequestException as exc:
             return False, f"base URL not reachable ({type(exc).__name__})"
         finally:
             session.close()
-        return True, f"base URL reachable (HTTP {response.status_code}); {configured}"
+        return True, f"base URL reachable (HTTP {response.status_code}); {self.configured_message}"
 
-    # -- HttpHook integration: keep tuning keys out of the requests session -------------------
+    # -- HttpHook's public surface: the synchronous session of run() -------------------------
 
-    def _set_base_url(self, connection: Any) -> None:
+    def url_from_endpoint(self, endpoint: str | None) -> str:
+        if not self.base_url:
+            self.base_url = self._checked_base_url(self.get_connection(self.http_conn_id))
+        return str(super().url_from_endpoint(endpoint))
+
+    def _checked_base_url(self, connection: Any) -> str:
         # The same rules as the async clients (https by default, the LiveRamp host when empty); no SRV.
-        self.base_url = self._base_url_of(connection)
-        check_base_url(self.base_url)
-        self._srv_lookup_enabled = False
-        self._base_url_initialized = True
+        base_url = self._base_url_of(connection)
+        check_base_url(base_url)
+        return base_url
 
-    def _configure_session_from_extra(
-        self, session: Session, connection: Any, extra_options: dict[str, Any]
+    def get_conn(
+        self, headers: dict[Any, Any] | None = None, extra_options: dict[str, Any] | None = None
     ) -> Session:
-        # get_conn() has just set self.base_url: check verify_tls=false against it here too.
-        settings, remaining = self._split_extra(connection, self.base_url or None)
-        for key in self.own_extra_keys:
-            remaining.pop(key, None)
-        session = super()._configure_session_from_extra(session, _ExtraView(connection.host, remaining), extra_options)
+        """
+        A ``requests`` session for :meth:`run`: the extra's headers (tuning and own keys left
+        out), its HTTP options overridden by ``extra_options``, and ``verify_tls``.
+
+        Also sets ``base_url`` and ``merged_extra``, which ``HttpHook.run`` reads.
+        """
+        connection = self.get_connection(self.http_conn_id)
+        self.base_url = self._checked_base_url(connection)
+        settings, remaining = self._split_extra(connection, self.base_url)
+        options = {key: value for key, value in remaining.items() if key in HTTP_OPTION_KEYS}
+        self.merged_extra = {**options, **(extra_options or {})}
+        session = Session()
+        if connection.login:
+            session.auth = self.auth_type(connection.login, connection.password)
+        session.proxies = self.merged_extra.get("proxies", self.merged_extra.get("proxy", {}))
+        session.stream = self.merged_extra.get("stream", False)
+        session.cert = self.merged_extra.get("cert")
+        session.max_redirects = int(self.merged_extra.get("max_redirects", _DEFAULT_MAX_REDIRECTS))
+        session.trust_env = self.merged_extra.get("trust_env", True)
         session.verify = settings.verify_tls
+        adapter = self.adapter or self.keep_alive_adapter
+        if adapter is not None:
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+        session.headers.update(self.default_headers)
+        session.headers.update(self._headers_of(remaining))
+        session.headers.update(headers or {})
         return session
 
     def run_and_check(
@@ -157,7 +217,7 @@ class LiveRampHttpHook(HttpHook):
                 timeout=extra_options.get("timeout"),
                 allow_redirects=extra_options.get("allow_redirects", False),
                 **session.merge_environment_settings(
-                    prepped_request.url,
+                    prepped_request.url or "",
                     proxies=session.proxies,
                     stream=session.stream,
                     verify=session.verify,
@@ -165,7 +225,7 @@ class LiveRampHttpHook(HttpHook):
                 ),
             )
         except requests.RequestException as exc:
-            raise self.request_error(f"{self.request_failed_message} ({type(exc).__name__})") from None
+            raise self.request_error(f"request to the {self.service} failed ({type(exc).__name__})") from None
         if extra_options.get("check_response", True) and response.status_code >= 400:
-            raise self.request_error(f"{self.answered_message} HTTP {response.status_code}")
+            raise self.request_error(f"{self.service} answered HTTP {response.status_code}")
         return response

@@ -9,7 +9,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from airflow.sdk import AsyncCallback, BaseNotifier, DeadlineAlert, DeadlineReference
+# airflow.sdk's type stub (3.3.2) lacks the deadline names its runtime exports.
+from airflow.sdk import AsyncCallback, BaseNotifier, DeadlineAlert, DeadlineReference  # type: ignore[attr-defined]
 
 #: Environment variable naming a factory of the failure notifier, ``module:callable`` or ``module.callable``.
 NOTIFIER_FACTORY_ENV = "CAPI_FAILURE_NOTIFIER"
@@ -118,9 +119,10 @@ def default_failure_notifier(title: str = "partition failed") -> BaseNotifier:
     module_name, _, attr = path.replace(":", ".").rpartition(".")
     factory = getattr(importlib.import_module(module_name), attr)
     try:
-        return factory(title=title)
+        notifier: BaseNotifier = factory(title=title)
     except TypeError:
-        return factory()
+        notifier = factory()
+    return notifier
 
 
 def _deadline_minutes(env: str = DEADLINE_MINUTES_ENV) -> float:

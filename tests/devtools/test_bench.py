@@ -1,0 +1,52 @@
+"""`make bench` at a small size, so the benchmark cannot rot: the table's shape and the counts.
+
+No timing is asserted: this machine is shared and a smoke-size run measures nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.airflow
+
+
+def test_bench_quick_run_prints_one_table_and_counts_add_up(airflow_db, tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "capi_devtools.bench", "--quick", "--events", "1500",
+         "--workdir", str(tmp_path / "work"), "--airflow-home", str(airflow_db), "--json", str(out)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    # Exit code 1 only means a target was missed (expected at smoke size); 2+ is a crash.
+    assert result.returncode in (0, 1), result.stdout[-3000:] + result.stderr[-3000:]
+    table = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    assert [cell.strip() for cell in table[0].split("|")[1:-1]] == ["figure", "value", "baseline", "ratio", "target", "met"]
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert len(table) == len(rows) + 2  # header, rule, one line per row
+    figures = " ".join(row["figure"] for row in rows)
+    for needed in ("validation", "delivery: BatchSender", "bare aiohttp", "end to end", "memory: validate", "memory: send",
+                   "console: partitions page", "console: envelope health", "envelopes (", "hourly: one run",
+                   "hourly: latency"):
+        assert needed in figures
+    for row in rows:
+        assert row["value"] > 0
+        if row["baseline"] is not None and row["ratio"] is not None:
+            assert row["ratio"] == pytest.approx(row["value"] / row["baseline"])
+
+    for run in (data["end_to_end"], data["end_to_end_small"]):
+        counts, summary = run["counts"], run["summary"]
+        assert summary["read"] == counts["records"] == run["events"]
+        assert summary["read"] == summary["valid"] + summary["rejected"] + summary["duplicates"]
+        assert summary["valid"] == summary["delivered_events"] == counts["valid_unique"]
+        assert summary["rejected"] == counts["invalid"] and summary["duplicates"] == counts["duplicates"]
+        assert all(run["checks"].values()), run["checks"]
+
+    for run in data["granularity"].values():
+        assert run["state"] == "success" and run["delivered"] == run["valid_expected"] > 0
+        assert run["latency_seconds"] > 0
+    assert data["granularity"]["hourly"]["partition"] == data["granularity"]["daily"]["partition"] + "T13"
