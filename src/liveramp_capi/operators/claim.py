@@ -7,7 +7,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
-from liveramp_capi.operators.config_errors import permanent_config_errors, setting_flag, setting_number
+from liveramp_capi.operators.config_errors import permanent_config_errors, setting_number
 
 
 class ClaimPartitionOperator(BaseOperator):
@@ -57,6 +57,7 @@ class ClaimPartitionOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         from liveramp_capi.hooks.state import CapiStateHook
+        from liveramp_capi.operators.config_errors import setting_flag
         from liveramp_capi.operators.partition_claim import claim_with_wait, open_lease, run_owner
         from liveramp_capi.storage import PartitionStorage, check_root_reachable
 
@@ -89,7 +90,6 @@ class ClaimPartitionOperator(BaseOperator):
         return {"partition": storage.partition, "claimed_at": round(state.heartbeat_at, 3)}
 
 
-
 def refuse_mixed_granularity(lease: Any, partition: str, context: Any) -> None:
     """Fail at once (no retry helps) when the partition's day is delivered at the other granularity.
 
@@ -100,6 +100,7 @@ def refuse_mixed_granularity(lease: Any, partition: str, context: Any) -> None:
     from airflow.sdk.exceptions import AirflowFailException
 
     from liveramp_capi.domain.granularity import ALLOW_VARIABLE, MixedGranularity, check_one_granularity
+    from liveramp_capi.operators.config_errors import setting_flag
     from liveramp_capi.operators.partition_claim import run_owner
 
     allowed = setting_flag(Variable.get(ALLOW_VARIABLE, default="false"), ALLOW_VARIABLE)
