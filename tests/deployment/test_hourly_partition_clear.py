@@ -58,9 +58,9 @@ def _runs(host: SingleHost) -> dict[str, dict]:
     return {run["partition_key"]: run for run in found if run.get("partition_key")}
 
 
-def _tries(host: SingleHost, run_id: str) -> dict[tuple[str, int], tuple[int, str | None]]:
-    """Each task instance's try number and end date."""
-    return {(ti["task_id"], ti["map_index"]): (ti["try_number"], ti["end_date"])
+def _tries(host: SingleHost, run_id: str) -> dict[tuple[str, int], tuple[int, str | None, str | None]]:
+    """Each task instance's try number, end date and state."""
+    return {(ti["task_id"], ti["map_index"]): (ti["try_number"], ti["end_date"], ti["state"])
             for ti in host.task_instances(DAG_ID, run_id)}
 
 
@@ -70,7 +70,8 @@ def _finished(host: SingleHost, keys: list[str], after: dict[str, int] | None = 
     if not all(key in runs and runs[key]["state"] in ("success", "failed") for key in keys):
         return None
     for key, report_try in (after or {}).items():
-        if _tries(host, runs[key]["dag_run_id"]).get(("report", -1), (0, None))[0] <= report_try:
+        tries, _, state = _tries(host, runs[key]["dag_run_id"]).get(("report", -1), (0, None, None))
+        if tries <= report_try or state not in ("success", "failed"):
             return None
     return runs
 
