@@ -285,3 +285,64 @@ def test_hourly_partition_folders_are_listed_and_described(api_client, console_w
     detail = _get(api_client, "api/partitions/2020-05-01T13").json()
     assert detail["partition"] == "2020-05-01T13" and detail["counts"]["received"] == 3
     assert _get(api_client, "api/partitions/2020-05-01T24").status_code == 404
+
+
+HOURLY_DAG_ID = "tiktok_conversions_hourly"
+
+
+@pytest.fixture(scope="module")
+def failed_hour(airflow_db, tmp_path_factory):
+    """An hour run by the hourly DAG (``dag.test()``) with one batch the stand-in refuses, in its own roots."""
+    import datetime as dt
+    import os
+
+    from airflow.dag_processing.dagbag import DagBag
+    from capi_devtools import REPO
+    from console_demo import STANDIN_ARGS, stage_refused_partition
+    from tests.support.conversions_run import configure_pipeline
+    from capi_devtools.standin_fixture import running_standin
+
+    root = tmp_path_factory.mktemp("console-hourly")
+    day = (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)).isoformat()
+    hour = f"{day}T13"
+    stage_refused_partition(root / "landing", day).rename(root / "landing" / f"dt={hour}")
+    with running_standin(*STANDIN_ARGS) as standin, pytest.MonkeyPatch.context() as patch:
+        configure_pipeline(patch, root, standin)
+        dag = DagBag(dag_folder=str(REPO / "dags" / "tiktok_conversions_hourly.py")).get_dag(HOURLY_DAG_ID)
+        assert str(dag.test(run_conf={"partition": hour}).state) == "failed"
+        env = {k: v for k, v in os.environ.items() if k.startswith(("AIRFLOW_CONN_", "AIRFLOW_VAR_"))}
+    yield root, hour, env
+
+
+def test_an_hourly_partition_row_has_its_run_link_state_and_rerun(api_client, failed_hour, monkeypatch):
+    root, hour, env = failed_hour
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    summary = json.loads((root / "output" / f"dt={hour}" / "summary.json").read_text())
+    run_id = summary["run_id"]
+    run_url = f"/dags/{HOURLY_DAG_ID}/runs/"
+
+    rows = {row["partition"]: row for row in _get(api_client, "api/partitions", limit=200).json()["partitions"]}
+    row = rows[hour]
+    assert row["state"] == "failed" and row["runs"] == 1
+    assert row["last_run"]["dag_id"] == HOURLY_DAG_ID and row["last_run"]["run_id"] == run_id
+    assert row["last_run"]["url"].startswith(run_url)
+    assert row["counts"]["failed"] == summary["failed_events"] == 1
+
+    detail = _get(api_client, f"api/partitions/{hour}").json()
+    rerun = detail["rerun"]
+    # A manual run: rerun by triggering the hour again, in the hourly DAG.
+    assert rerun["cli"] == f"airflow dags trigger {HOURLY_DAG_ID} --conf '{json.dumps({'partition': hour})}'"
+    assert rerun["run_url"] == detail["run"]["url"] and rerun["run_url"].startswith(run_url)
+    [send] = rerun["clear_tasks"]
+    assert send["url"] == f"{detail['run']['url']}/tasks/send/mapped/{send['map_index']}"
+    assert {(t["task_id"], t["state"]) for t in detail["tasks"]} >= {("send", "failed"), ("report", "failed")}
+    assert detail["send_duration_seconds"] is not None
+
+    # The run tab and the task tab of the hourly DAG's run.
+    tab = _get(api_client, f"api/runs/{run_id}", dag_id=HOURLY_DAG_ID).json()
+    assert tab["partition"] == hour and tab["summary_is_from_this_run"] is True and tab["rerun"] == rerun
+    assert _get(api_client, f"api/runs/{run_id}", dag_id="tiktok_conversions").status_code == 404
+    task = _get(api_client, "api/task", run_id=run_id, task_id="send", map_index=send["map_index"],
+                dag_id=HOURLY_DAG_ID).json()
+    assert task["task"]["state"] == "failed" and task["shard_failed_batches"]["total"] == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from liveramp_capi.console.runs import RunInfo, partition_of, rerun_action
+from liveramp_capi.console.runs import HOURLY_CONVERSIONS_DAG_ID, RunInfo, partition_of, rerun_action
 
 
 def _run(partition_key: str | None) -> RunInfo:
@@ -45,3 +45,27 @@ def test_manual_run_is_rerun_by_triggering_the_partition_and_upstream_failures_p
     )
     assert action["cli"] == "airflow dags trigger tiktok_conversions --conf '{\"partition\": \"2026-11-20\"}'"
     assert [t["task_id"] for t in action["clear_tasks"]] == ["validate", "report"]
+
+
+def _hourly_run(partition_key: str | None) -> RunInfo:
+    at = dt.datetime(2026, 11, 20, 14, 15, tzinfo=dt.UTC)
+    return RunInfo(
+        run_id="scheduled__2026-11-20T14:15:00+00:00", partition="2026-11-20T13", state="failed",
+        run_type="scheduled", partition_key=partition_key, start_date=at, end_date=at + dt.timedelta(minutes=1),
+        run_after=at, dag_id=HOURLY_CONVERSIONS_DAG_ID,
+    )
+
+
+def test_an_hourly_run_falls_back_to_its_hour_and_is_rerun_in_the_hourly_dag():
+    logical = dt.datetime(2026, 11, 20, 13, 15, tzinfo=dt.UTC)
+    assert partition_of({}, None, logical, HOURLY_CONVERSIONS_DAG_ID) == "2026-11-20T13"
+    assert partition_of({}, "2026-11-20T12", logical, HOURLY_CONVERSIONS_DAG_ID) == "2026-11-20T12"
+    tasks = _tasks(("send", 0, "failed"), ("report", -1, "failed"))
+    scheduled = rerun_action(_hourly_run("2026-11-20T13"), tasks)
+    assert scheduled["cli"] == (
+        "airflow dags clear tiktok_conversions_hourly --partition-key 2026-11-20T13 --only-failed --yes"
+    )
+    assert scheduled["run_url"].startswith("/dags/tiktok_conversions_hourly/runs/scheduled__2026-11-20T14")
+    manual = rerun_action(_hourly_run(None), tasks)
+    assert manual["cli"] == "airflow dags trigger tiktok_conversions_hourly --conf '{\"partition\": \"2026-11-20T13\"}'"
+    assert _hourly_run(None).as_dict()["dag_id"] == HOURLY_CONVERSIONS_DAG_ID

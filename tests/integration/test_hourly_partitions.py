@@ -29,6 +29,17 @@ def run(dag_file: str, dag_id: str, partition: str) -> str:
     return str(bag.get_dag(dag_id).test(run_conf={"partition": partition}).state)
 
 
+def _last_run_states(dag_id: str) -> dict[str, str]:
+    """Task states of the DAG's newest run, read from the metadata DB."""
+    from airflow.models import DagRun, TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        newest = session.query(DagRun).filter(DagRun.dag_id == dag_id).order_by(DagRun.id.desc()).first()
+        tis = session.query(TaskInstance).filter(TaskInstance.dag_id == dag_id, TaskInstance.run_id == newest.run_id)
+        return {ti.task_id: str(ti.state) for ti in tis}
+
+
 def write_hour(landing: Path, hour: str, events: list[dict]) -> None:
     folder = landing / f"dt={hour}"
     folder.mkdir(parents=True)
@@ -53,12 +64,14 @@ def test_hourly_and_daily_partitions_each_deliver_their_own_events_once(
 ):
     day = yesterday()
     h13, h14 = f"{day}T13", f"{day}T14"
+    # The daily partition is another day: a day and its own hours are never both delivered.
+    other_day = (dt.date.fromisoformat(day) - dt.timedelta(days=1)).isoformat()
     configure_pipeline(monkeypatch, tmp_path, standin)
     if backend == "postgresql":
         # PostgreSQL enforces column lengths: an hour key is longer than a day's.
         monkeypatch.setenv("AIRFLOW_CONN_CAPI_STATE_DEFAULT", request.getfixturevalue("pg_database_factory")())
     landing = tmp_path / "landing"
-    daily = write_partition(landing, day, users=12, seed=3)
+    daily = write_partition(landing, other_day, users=12, seed=3)
     in_13, in_14 = straddling_session(day)
     hour_13 = generate_events(h13, 6, seed=11, prefix="h13")[0] + in_13
     hour_14 = generate_events(h14, 6, seed=12, prefix="h14")[0] + in_14
@@ -68,7 +81,7 @@ def test_hourly_and_daily_partitions_each_deliver_their_own_events_once(
     assert run("tiktok_conversions_hourly.py", "tiktok_conversions_hourly", h13) == "success"
     sent_13 = standin.received()
     assert run("tiktok_conversions_hourly.py", "tiktok_conversions_hourly", h14) == "success"
-    assert run("tiktok_conversions.py", "tiktok_conversions", day) == "success"
+    assert run("tiktok_conversions.py", "tiktok_conversions", other_day) == "success"
 
     batches = standin.received()
     ids = Counter(e["event_id"] for b in batches for e in b["events"])
@@ -80,7 +93,7 @@ def test_hourly_and_daily_partitions_each_deliver_their_own_events_once(
         sorted(e["event_id"] for e in b["events"]) for b in batches if any(e["event_id"].startswith("visit-") for e in b["events"])
     ]
     assert sorted(visit_batches) == [["visit-0", "visit-1"], ["visit-2", "visit-3"]]
-    for partition, valid in ((h13, len(hour_13)), (h14, len(hour_14)), (day, len(daily.event_ids))):
+    for partition, valid in ((h13, len(hour_13)), (h14, len(hour_14)), (other_day, len(daily.event_ids))):
         summary = output_json(tmp_path, partition, "summary.json")
         assert summary["partition"] == partition and summary["status"] == "complete"
         assert summary["delivered_this_run"] == summary["valid"] == valid
@@ -90,3 +103,28 @@ def test_hourly_and_daily_partitions_each_deliver_their_own_events_once(
     assert run("tiktok_conversions_hourly.py", "tiktok_conversions_hourly", h14) == "success"
     assert standin.received() == []
     assert output_json(tmp_path, h14, "summary.json")["previously_delivered_events"] == len(hour_14)
+
+
+def test_a_day_whose_hours_were_delivered_is_refused_until_the_variable_allows_it(
+    airflow_db, standin, tmp_path, monkeypatch
+):
+    day = yesterday()
+    hour = f"{day}T13"
+    configure_pipeline(monkeypatch, tmp_path, standin)
+    landing = tmp_path / "landing"
+    hour_events = generate_events(hour, 4, seed=31, prefix="hr")[0]
+    write_hour(landing, hour, hour_events)
+    assert run("tiktok_conversions_hourly.py", "tiktok_conversions_hourly", hour) == "success"
+    delivered = Counter(standin.received_event_ids())
+
+    # The same feed exported as a day too: its run stops at claim_partition and sends nothing.
+    daily = write_partition(landing, day, users=4, seed=32)
+    assert run("tiktok_conversions.py", "tiktok_conversions", day) == "failed"
+    assert _last_run_states("tiktok_conversions")["claim_partition"] == "failed"
+    assert Counter(standin.received_event_ids()) == delivered
+    assert not (tmp_path / "output" / f"dt={day}" / "summary.json").exists()
+
+    # The day's files hold other events than its hours' (the operator says so): delivered once.
+    monkeypatch.setenv("AIRFLOW_VAR_CAPI_ALLOW_MIXED_GRANULARITY", "true")
+    assert run("tiktok_conversions.py", "tiktok_conversions", day) == "success"
+    assert Counter(standin.received_event_ids()) == delivered + Counter(daily.event_ids)

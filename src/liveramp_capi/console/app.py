@@ -16,25 +16,52 @@ from typing import Annotated, Any
 
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
 from airflow.api_fastapi.common.db.common import SessionDep
-from airflow.api_fastapi.core_api.security import requires_access_dag
+from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
 from fastapi import Depends, FastAPI, HTTPException, Query
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy.engine import Engine
 
 from liveramp_capi.console import reads, runs
-from liveramp_capi.console.partitions import daily_series, partition_detail, partition_rows, task_detail
+from liveramp_capi.console.partitions import (
+    daily_series,
+    find_run,
+    partition_detail,
+    partition_rows,
+    task_detail,
+)
 from liveramp_capi.console.plugin import URL_PREFIX
 from liveramp_capi.console.summaries import OutputRoot
 from liveramp_capi.domain.partition import InvalidPartition, parse_partition
 from liveramp_capi.state.envelope_store import DEFAULT_REFRESH_REMAINING_SHARE
 
 STATE_CONN_ID = "capi_state_default"
+_NO_RUN = f"no run of {' or '.join(runs.CONVERSIONS_DAG_IDS)} with this id"
 _STATIC = {"console.js": "text/javascript", "console.css": "text/css", "icon.svg": "image/svg+xml"}
 
 _read_runs = Depends(requires_access_dag("GET", DagAccessEntity.RUN, param_dag_id=runs.CONVERSIONS_DAG_ID))
 _read_refresh_runs = Depends(
     requires_access_dag("GET", DagAccessEntity.RUN, param_dag_id=runs.ENVELOPE_REFRESH_DAG_ID)
 )
+
+
+def readable_conversions_dags(user: GetUserDep) -> tuple[str, ...]:
+    """The conversions DAGs (a day's, an hour's) whose runs this user may read.
+
+    Every route already requires the daily DAG; the hourly DAG's runs (state, links, rerun) are
+    shown only to users Airflow lets read them, as in Airflow's own views.
+    """
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagDetails
+
+    manager = get_auth_manager()
+    return tuple(
+        dag_id
+        for dag_id in runs.CONVERSIONS_DAG_IDS
+        if manager.is_authorized_dag(method="GET", access_entity=DagAccessEntity.RUN, details=DagDetails(id=dag_id), user=user)
+    )
+
+
+ReadableDags = Annotated[tuple[str, ...], Depends(readable_conversions_dags)]
 
 
 def _variable(name: str, default: str) -> str:
@@ -132,21 +159,23 @@ def create_app() -> FastAPI:
     @app.get("/api/partitions")
     def partitions(
         session: SessionDep,
+        dag_ids: ReadableDags,
         limit: Annotated[int, Query(ge=1, le=200)] = 25,
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> dict[str, Any]:
-        return partition_rows(session, output_root(), state_engine(), limit=limit, offset=offset)
+        return partition_rows(session, output_root(), state_engine(), limit=limit, offset=offset, dag_ids=dag_ids)
 
     @app.get("/api/partitions/{partition}")
     def partition(
         partition: str,
         session: SessionDep,
+        dag_ids: ReadableDags,
         failed_limit: Annotated[int, Query(ge=1, le=500)] = 50,
         failed_offset: Annotated[int, Query(ge=0)] = 0,
     ) -> dict[str, Any]:
         found = partition_detail(
             session, output_root(), state_engine(), _partition(partition),
-            failed_limit=failed_limit, failed_offset=failed_offset,
+            failed_limit=failed_limit, failed_offset=failed_offset, dag_ids=dag_ids,
         )
         if found is None:
             raise HTTPException(status_code=404, detail="no run, summary or ledger row for this partition")
@@ -157,21 +186,29 @@ def create_app() -> FastAPI:
         return daily_series(session, output_root(), days=days)
 
     @app.get("/api/runs/{run_id:path}")
-    def run(run_id: str, session: SessionDep) -> dict[str, Any]:
-        for partition_runs in runs.conversions_runs(session).values():
-            for info in partition_runs:
-                if info.run_id == run_id:
-                    detail = partition_detail(session, output_root(), state_engine(), info.partition, run_id=run_id)
-                    return detail or {"partition": info.partition}
-        raise HTTPException(status_code=404, detail=f"no run of {runs.CONVERSIONS_DAG_ID} with this id")
+    def run(run_id: str, session: SessionDep, dag_ids: ReadableDags, dag_id: str | None = None) -> dict[str, Any]:
+        info = find_run(session, run_id, dag_id, dag_ids)
+        if info is None:
+            raise HTTPException(status_code=404, detail=_NO_RUN)
+        detail = partition_detail(
+            session, output_root(), state_engine(), info.partition, run_id=run_id, dag_id=info.dag_id, dag_ids=dag_ids
+        )
+        return detail or {"partition": info.partition}
 
     @app.get("/api/task")
     def task(
-        session: SessionDep, run_id: str, task_id: str, map_index: Annotated[int, Query(ge=-1)] = -1
+        session: SessionDep,
+        dag_ids: ReadableDags,
+        run_id: str,
+        task_id: str,
+        map_index: Annotated[int, Query(ge=-1)] = -1,
+        dag_id: str | None = None,
     ) -> dict[str, Any]:
-        found = task_detail(session, output_root(), state_engine(), run_id, task_id, map_index)
+        found = task_detail(
+            session, output_root(), state_engine(), run_id, task_id, map_index, dag_id=dag_id, dag_ids=dag_ids
+        )
         if found is None:
-            raise HTTPException(status_code=404, detail=f"no run of {runs.CONVERSIONS_DAG_ID} with this id")
+            raise HTTPException(status_code=404, detail=_NO_RUN)
         return found
 
     @app.get("/api/envelopes", dependencies=[_read_refresh_runs])

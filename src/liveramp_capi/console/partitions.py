@@ -8,6 +8,7 @@ counts (a partition still sending has no summary yet); state and timing from Air
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Collection
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -106,13 +107,21 @@ def _row(
 
 
 def partition_rows(
-    session: Session, output: OutputRoot, engine: Engine, *, limit: int, offset: int
+    session: Session,
+    output: OutputRoot,
+    engine: Engine,
+    *,
+    limit: int,
+    offset: int,
+    dag_ids: Collection[str] = runs.CONVERSIONS_DAG_IDS,
 ) -> dict[str, Any]:
     """A page of partitions, newest first: state, counts, top reasons, retries, last run.
 
     Reads one ``summary.json`` and one grouped ledger query per page, whatever the history size.
+
+    :param dag_ids: the conversions DAGs whose runs the reader may see (a day's, an hour's).
     """
-    by_partition = runs.conversions_runs(session)
+    by_partition = runs.conversions_runs(session, dag_ids)
     every = sorted(set(output.partitions()) | set(by_partition), reverse=True)
     page = every[offset : offset + limit]
     ledger = reads.ledger_counts(engine, page)
@@ -134,20 +143,28 @@ def partition_detail(
     partition: str,
     *,
     run_id: str | None = None,
+    dag_id: str | None = None,
     failed_limit: int = 50,
     failed_offset: int = 0,
+    dag_ids: Collection[str] = runs.CONVERSIONS_DAG_IDS,
 ) -> dict[str, Any] | None:
     """Everything about one partition: the row, all reasons, tries, failed batches, tasks, rerun.
 
     :param run_id: the run to describe (the run tab); default the partition's newest run.
+    :param dag_id: that run's DAG (any conversions DAG when not given).
+    :param dag_ids: the conversions DAGs whose runs the reader may see.
     """
-    partition_runs = runs.conversions_runs(session).get(partition, [])
+    partition_runs = runs.conversions_runs(session, dag_ids).get(partition, [])
     summary = output.summary(partition)
     ledger = reads.ledger_counts(engine, [partition]).get(partition)
     if not partition_runs and summary is None and ledger is None:
         return None
     detail = _row(partition, partition_runs, summary, ledger)
-    run = next((r for r in partition_runs if r.run_id == run_id), None) if run_id else None
+    run = (
+        next((r for r in partition_runs if r.run_id == run_id and dag_id in (None, r.dag_id)), None)
+        if run_id
+        else None
+    )
     delivering = runs.real_runs(partition_runs)
     run = run or (delivering[0] if delivering else partition_runs[0] if partition_runs else None)
     detail["run"] = run.as_dict() if run else None
@@ -162,9 +179,10 @@ def partition_detail(
     detail["all_runs"] = [r.as_dict() for r in partition_runs]
     detail["dry_run_summary"] = output.dry_run_summary(partition)
     if run is not None:
-        tasks = runs.task_states(session, run.run_id)
+        tasks = runs.task_states(session, run.run_id, run.dag_id)
         detail["tasks"] = tasks
-        detail["send_duration_seconds"] = runs.send_durations(session, [run.run_id]).get(run.run_id)
+        key = (run.dag_id, run.run_id)
+        detail["send_duration_seconds"] = runs.send_durations(session, [key]).get(key)
         if detail["state"] == "failed" or run.state == "failed":
             detail["rerun"] = runs.rerun_action(run, tasks)
     return detail
@@ -173,10 +191,11 @@ def partition_detail(
 def daily_series(session: Session, output: OutputRoot, *, days: int, today: dt.date | None = None) -> dict[str, Any]:
     """Per partition day over the last ``days`` days: delivered events, rejection rate, send duration."""
     today = today or dt.datetime.now(dt.UTC).date()
-    by_partition = runs.conversions_runs(session)
+    # Day partitions only: an hour's runs are not a day's.
+    by_partition = runs.conversions_runs(session, (runs.CONVERSIONS_DAG_ID,))
     dates = [(today - dt.timedelta(days=n)).isoformat() for n in range(days, 0, -1)]
     by_partition = {d: runs.real_runs(rs) for d, rs in by_partition.items()}
-    last_runs = {d: by_partition[d][0].run_id for d in dates if by_partition.get(d)}
+    last_runs = {d: (by_partition[d][0].dag_id, by_partition[d][0].run_id) for d in dates if by_partition.get(d)}
     durations = runs.send_durations(session, last_runs.values())
     series = []
     for day in dates:
@@ -198,17 +217,37 @@ def daily_series(session: Session, output: OutputRoot, *, days: int, today: dt.d
     return {"days": days, "series": series}
 
 
+def find_run(session: Session, run_id: str, dag_id: str | None, dag_ids: Collection[str]) -> runs.RunInfo | None:
+    """The run ``run_id`` of a conversions DAG (of ``dag_id`` when given), if the reader may see it."""
+    wanted = [d for d in dag_ids if dag_id in (None, d)]
+    return next((r for rs in runs.conversions_runs(session, wanted).values() for r in rs if r.run_id == run_id), None)
+
+
 def task_detail(
-    session: Session, output: OutputRoot, engine: Engine, run_id: str, task_id: str, map_index: int
+    session: Session,
+    output: OutputRoot,
+    engine: Engine,
+    run_id: str,
+    task_id: str,
+    map_index: int,
+    *,
+    dag_id: str | None = None,
+    dag_ids: Collection[str] = runs.CONVERSIONS_DAG_IDS,
 ) -> dict[str, Any] | None:
     """A task instance's view: its run's partition, and for a ``send`` task its shard's counters,
     its failed batches and how to rerun just it."""
-    run = next((r for rs in runs.conversions_runs(session).values() for r in rs if r.run_id == run_id), None)
+    run = find_run(session, run_id, dag_id, dag_ids)
     if run is None:
         return None
-    detail = partition_detail(session, output, engine, run.partition, run_id=run_id) or {"partition": run.partition}
+    detail = partition_detail(
+        session, output, engine, run.partition, run_id=run_id, dag_id=run.dag_id, dag_ids=dag_ids
+    ) or {"partition": run.partition}
     task = next(
-        (t for t in runs.task_states(session, run_id) if t["task_id"] == task_id and t["map_index"] == map_index),
+        (
+            t
+            for t in runs.task_states(session, run_id, run.dag_id)
+            if t["task_id"] == task_id and t["map_index"] == map_index
+        ),
         None,
     )
     detail["task"] = task

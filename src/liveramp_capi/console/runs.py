@@ -1,5 +1,8 @@
 """What Airflow knows about the conversions runs: which run processed which partition, its state,
 timing, the failed tasks and the exact rerun action. Read from Airflow's metadata database.
+
+Days are delivered by ``tiktok_conversions``, hours by ``tiktok_conversions_hourly``: a run is
+always described, linked and rerun in its own DAG.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from airflow.models.taskinstance import TaskInstance
 from sqlalchemy.orm import Session
 
 CONVERSIONS_DAG_ID = "tiktok_conversions"
+HOURLY_CONVERSIONS_DAG_ID = "tiktok_conversions_hourly"
+#: The DAGs whose runs deliver partitions (a day's or an hour's), built by one factory.
+CONVERSIONS_DAG_IDS = (CONVERSIONS_DAG_ID, HOURLY_CONVERSIONS_DAG_ID)
 ENVELOPE_REFRESH_DAG_ID = "ats_envelope_refresh"
 SEND_TASK_ID = "send"
 _FAILED_STATES = ("failed", "upstream_failed")
@@ -36,6 +42,7 @@ class RunInfo:
     end_date: dt.datetime | None
     run_after: dt.datetime | None
     dry_run: bool = False
+    dag_id: str = CONVERSIONS_DAG_ID
 
     @property
     def duration_seconds(self) -> float | None:
@@ -45,13 +52,14 @@ class RunInfo:
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "dag_id": self.dag_id,
             "run_id": self.run_id,
             "state": self.state,
             "run_type": self.run_type,
             "start_date": _iso(self.start_date),
             "end_date": _iso(self.end_date),
             "duration_seconds": self.duration_seconds,
-            "url": run_url(CONVERSIONS_DAG_ID, self.run_id),
+            "url": run_url(self.dag_id, self.run_id),
             "dry_run": self.dry_run,
         }
 
@@ -86,42 +94,49 @@ def real_runs(partition_runs: list[RunInfo]) -> list[RunInfo]:
     return [run for run in partition_runs if not run.dry_run]
 
 
-def partition_of(conf: Any, partition_key: str | None, logical_date: dt.datetime | None) -> str | None:
+def partition_of(
+    conf: Any, partition_key: str | None, logical_date: dt.datetime | None, dag_id: str = CONVERSIONS_DAG_ID
+) -> str | None:
     """The partition a run processed: the param ``partition``, the partition key, or the logical date.
 
-    Mirrors the DAG's ``{{ params.partition or partition_key or ds }}``.
+    Mirrors the DAG's ``{{ params.partition or partition_key or ds }}`` (``ts[:13]``, the hour, in
+    the hourly DAG).
     """
     if isinstance(conf, str):
         try:
             conf = json.loads(conf)
         except ValueError:
             conf = None
-    if isinstance(conf, dict) and isinstance(conf.get("partition"), str) and conf["partition"]:
-        return str(conf["partition"])
+    named = conf.get("partition") if isinstance(conf, dict) else None
+    if isinstance(named, str) and named:
+        return named
     if partition_key:
         return partition_key
-    return logical_date.date().isoformat() if logical_date else None
+    if logical_date is None:
+        return None
+    return logical_date.strftime("%Y-%m-%dT%H") if dag_id == HOURLY_CONVERSIONS_DAG_ID else logical_date.date().isoformat()
 
 
-def conversions_runs(session: Session) -> dict[str, list[RunInfo]]:
-    """Every run of the conversions DAG, grouped by partition, newest run first.
+def conversions_runs(session: Session, dag_ids: Iterable[str] = CONVERSIONS_DAG_IDS) -> dict[str, list[RunInfo]]:
+    """Every run of the conversions DAGs in ``dag_ids``, grouped by partition, newest run first.
 
-    One indexed read of ``dag_run`` (a year of daily runs is a few hundred rows).
+    One indexed read of ``dag_run`` (a year of daily runs is a few hundred rows; of hourly runs,
+    a few thousand). Day and hour keys never collide, so a partition's runs are of one DAG.
     """
     query = sa.select(
-        DagRun.run_id, DagRun.state, DagRun.run_type, DagRun.conf, DagRun.partition_key,
+        DagRun.dag_id, DagRun.run_id, DagRun.state, DagRun.run_type, DagRun.conf, DagRun.partition_key,
         DagRun.logical_date, DagRun.start_date, DagRun.end_date, DagRun.run_after,
-    ).where(DagRun.dag_id == CONVERSIONS_DAG_ID)
+    ).where(DagRun.dag_id.in_(sorted(set(dag_ids))))
     by_partition: dict[str, list[RunInfo]] = {}
     for row in session.execute(query):
-        partition = partition_of(row.conf, row.partition_key, row.logical_date)
+        partition = partition_of(row.conf, row.partition_key, row.logical_date, row.dag_id)
         if partition is None:
             continue
         by_partition.setdefault(partition, []).append(
             RunInfo(
                 run_id=row.run_id, partition=partition, state=str(row.state), run_type=str(row.run_type),
                 partition_key=row.partition_key, start_date=row.start_date, end_date=row.end_date,
-                run_after=row.run_after, dry_run=is_dry_run(row.conf),
+                run_after=row.run_after, dry_run=is_dry_run(row.conf), dag_id=row.dag_id,
             )
         )
     epoch = dt.datetime.min.replace(tzinfo=dt.UTC)
@@ -130,35 +145,41 @@ def conversions_runs(session: Session) -> dict[str, list[RunInfo]]:
     return by_partition
 
 
-def send_durations(session: Session, run_ids: Iterable[str]) -> dict[str, float]:
-    """Wall time of the mapped ``send`` tasks of each run (first start to last end), in seconds."""
-    wanted = sorted(set(run_ids))
+def send_durations(session: Session, run_keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], float]:
+    """Wall time of the mapped ``send`` tasks of each run (first start to last end), in seconds.
+
+    :param run_keys: ``(dag_id, run_id)`` of the runs (run ids are unique within a DAG only).
+    """
+    wanted = set(run_keys)
     if not wanted:
         return {}
     query = (
-        sa.select(TaskInstance.run_id, sa.func.min(TaskInstance.start_date), sa.func.max(TaskInstance.end_date))
-        .where(
-            TaskInstance.dag_id == CONVERSIONS_DAG_ID,
-            TaskInstance.task_id == SEND_TASK_ID,
-            TaskInstance.run_id.in_(wanted),
+        sa.select(
+            TaskInstance.dag_id, TaskInstance.run_id,
+            sa.func.min(TaskInstance.start_date), sa.func.max(TaskInstance.end_date),
         )
-        .group_by(TaskInstance.run_id)
+        .where(
+            TaskInstance.dag_id.in_(sorted({dag_id for dag_id, _ in wanted})),
+            TaskInstance.task_id == SEND_TASK_ID,
+            TaskInstance.run_id.in_(sorted({run_id for _, run_id in wanted})),
+        )
+        .group_by(TaskInstance.dag_id, TaskInstance.run_id)
     )
     found = {}
-    for run_id, started, ended in session.execute(query):
-        if started and ended:
-            found[run_id] = round((ended - started).total_seconds(), 3)
+    for dag_id, run_id, started, ended in session.execute(query):
+        if started and ended and (dag_id, run_id) in wanted:
+            found[(dag_id, run_id)] = round((ended - started).total_seconds(), 3)
     return found
 
 
-def task_states(session: Session, run_id: str) -> list[dict[str, Any]]:
-    """Task instances of one run: id, map index, state, try number, duration, UI link."""
+def task_states(session: Session, run_id: str, dag_id: str = CONVERSIONS_DAG_ID) -> list[dict[str, Any]]:
+    """Task instances of one run of ``dag_id``: id, map index, state, try number, duration, UI link."""
     query = (
         sa.select(
             TaskInstance.task_id, TaskInstance.map_index, TaskInstance.state, TaskInstance.try_number,
             TaskInstance.start_date, TaskInstance.end_date,
         )
-        .where(TaskInstance.dag_id == CONVERSIONS_DAG_ID, TaskInstance.run_id == run_id)
+        .where(TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id)
         .order_by(TaskInstance.task_id, TaskInstance.map_index)
     )
     return [
@@ -170,7 +191,7 @@ def task_states(session: Session, run_id: str) -> list[dict[str, Any]]:
             "duration_seconds": (
                 round((row.end_date - row.start_date).total_seconds(), 3) if row.start_date and row.end_date else None
             ),
-            "url": task_url(CONVERSIONS_DAG_ID, run_id, row.task_id, int(row.map_index)),
+            "url": task_url(dag_id, run_id, row.task_id, int(row.map_index)),
         }
         for row in session.execute(query)
     ]
@@ -179,9 +200,9 @@ def task_states(session: Session, run_id: str) -> list[dict[str, Any]]:
 def rerun_action(run: RunInfo, tasks: list[dict[str, Any]]) -> dict[str, Any]:
     """The exact rerun of a failed partition: the tasks to clear (with links) and the CLI line.
 
-    A scheduled run has a partition key, so ``airflow dags clear --partition-key`` clears it; a
-    manual run is rerun by triggering the same partition again. Either way the ledger sends only
-    what was not acknowledged.
+    A scheduled (or backfill) run has a partition key, so ``airflow dags clear --partition-key``
+    clears it; a manual run is rerun by triggering the same partition again. Either way in the
+    run's own DAG (a day's or an hour's), and the ledger sends only what was not acknowledged.
     """
     # The failed send shards when there are (clearing them with downstream reruns the report);
     # otherwise the tasks that failed themselves, not those that only failed upstream.
@@ -191,19 +212,19 @@ def rerun_action(run: RunInfo, tasks: list[dict[str, Any]]) -> dict[str, Any]:
     to_clear = send_failed or failed_itself or failed
     if run.partition_key:
         cli = (
-            f"airflow dags clear {CONVERSIONS_DAG_ID} --partition-key {shlex.quote(run.partition_key)} "
+            f"airflow dags clear {run.dag_id} --partition-key {shlex.quote(run.partition_key)} "
             "--only-failed --yes"
         )
     else:
         conf = shlex.quote(json.dumps({"partition": run.partition}))
-        cli = f"airflow dags trigger {CONVERSIONS_DAG_ID} --conf {conf}"
+        cli = f"airflow dags trigger {run.dag_id} --conf {conf}"
     return {
         "clear_tasks": [
             {"task_id": task["task_id"], "map_index": task["map_index"], "url": task["url"]} for task in to_clear
         ],
         "ui": "open each task below, press Clear, keep 'Downstream' ticked (or clear the whole run)",
         "cli": cli,
-        "run_url": run_url(CONVERSIONS_DAG_ID, run.run_id),
+        "run_url": run_url(run.dag_id, run.run_id),
     }
 
 

@@ -79,6 +79,7 @@ class ClaimPartitionOperator(BaseOperator):
             poll_seconds=poll_seconds,
             log=self.log,
         )
+        refuse_mixed_granularity(lease, storage.partition, context)
         removed = [] if setting_flag(self.dry_run, "dry_run") else storage.remove_other_runs()
         self.log.info(
             "Partition %s claimed by run %s%s",
@@ -88,3 +89,24 @@ class ClaimPartitionOperator(BaseOperator):
         )
         return {"partition": storage.partition, "claimed_at": round(state.heartbeat_at, 3)}
 
+
+def refuse_mixed_granularity(lease: Any, partition: str, context: Any) -> None:
+    """Fail at once (no retry helps) when the partition's day is delivered at the other granularity.
+
+    The run lets go of its claim first: a later run of the partition (after the Variable
+    ``capi_allow_mixed_granularity`` is set) need not wait for it to lapse.
+    """
+    from airflow.sdk import Variable
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from liveramp_capi.state.granularity import ALLOW_VARIABLE, MixedGranularity, check_one_granularity
+    from liveramp_capi.operators.config_errors import setting_flag
+    from liveramp_capi.operators.partition_claim import run_owner
+
+    allowed = setting_flag(Variable.get(ALLOW_VARIABLE, default="false"), ALLOW_VARIABLE)
+    owner = run_owner(context)
+    try:
+        check_one_granularity(lease.engine, partition, lease.read, owner, lease.clock(), allowed=allowed)
+    except MixedGranularity as refused:
+        lease.release(partition, owner)
+        raise AirflowFailException(str(refused)) from None

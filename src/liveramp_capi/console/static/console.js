@@ -4,6 +4,8 @@
 
 (function () {
   const DAG_ID = "tiktok_conversions";
+  // Days and hours: the tabs describe runs of both DAGs of the conversions pipeline.
+  const DAG_IDS = [DAG_ID, "tiktok_conversions_hourly"];
   const PAGE_SIZE = 25;
   const root = document.getElementById("console");
   const view = document.body.dataset.view;
@@ -221,8 +223,8 @@
   }
 
   function otherDag(dagId) {
-    if (dagId && dagId !== DAG_ID) {
-      show(el("p", { class: "muted" }, `This tab describes runs of ${DAG_ID}; ${dagId} is another DAG.`));
+    if (dagId && !DAG_IDS.includes(dagId)) {
+      show(el("p", { class: "muted" }, `This tab describes runs of ${DAG_IDS.join(" and ")}; ${dagId} is another DAG.`));
       return true;
     }
     return false;
@@ -252,7 +254,8 @@
     if (otherDag(params.get("dag_id"))) return;
     if (!runId) { show(el("p", { class: "error" }, "No run given.")); return; }
     try {
-      show(...partitionBlock(await api(`runs/${encodeURIComponent(runId)}`)));
+      const dagId = params.get("dag_id");
+      show(...partitionBlock(await api(`runs/${encodeURIComponent(runId)}${dagId ? `?dag_id=${encodeURIComponent(dagId)}` : ""}`)));
     } catch (e) { show(failure(e)); }
   }
 
@@ -273,6 +276,7 @@
     const params = new URLSearchParams(location.search);
     if (otherDag(params.get("dag_id"))) return;
     const query = new URLSearchParams({ run_id: params.get("run_id") || "", task_id: params.get("task_id") || "", map_index: params.get("map_index") || "-1" });
+    if (params.get("dag_id")) query.set("dag_id", params.get("dag_id"));
     try {
       const detail = await api(`task?${query}`);
       show(detail.shard_result !== undefined ? shardBlock(detail) : null, ...partitionBlock(detail));
