@@ -297,10 +297,11 @@ def failed_hour(airflow_db, tmp_path_factory):
     import os
 
     from airflow.dag_processing.dagbag import DagBag
-    from capi_devtools import REPO
     from console_demo import STANDIN_ARGS, stage_refused_partition
-    from tests.support.conversions_run import configure_pipeline
+
+    from capi_devtools import REPO
     from capi_devtools.standin_fixture import running_standin
+    from tests.support.conversions_run import configure_pipeline
 
     root = tmp_path_factory.mktemp("console-hourly")
     day = (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)).isoformat()

@@ -18,10 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.support.distributed import wait_for
-from tests.support.single_host import SingleHost
-from tests.support.fault_support import generate_events
+
 from capi_devtools.standin_fixture import StandInProcess
+from tests.support.distributed import wait_for
+from tests.support.fault_support import generate_events
+from tests.support.single_host import SingleHost
 
 pytestmark = [pytest.mark.airflow, pytest.mark.timeout(600)]
 

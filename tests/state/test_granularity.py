@@ -9,15 +9,15 @@ import pytest
 import sqlalchemy as sa
 
 from liveramp_capi.domain.batches import Batch
+from liveramp_capi.state.database import make_engine
 from liveramp_capi.state.granularity import (
     ALLOW_VARIABLE,
     MixedGranularity,
     check_one_granularity,
     overlapping_partitions,
 )
-from liveramp_capi.state.ledger import DeliveryLedger
-from liveramp_capi.state.database import make_engine
 from liveramp_capi.state.lease import PartitionLease
+from liveramp_capi.state.ledger import DeliveryLedger
 
 DAY = "2026-11-20"
 NOW = 1_800_000_000.0

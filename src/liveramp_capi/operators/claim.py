@@ -99,9 +99,9 @@ def refuse_mixed_granularity(lease: Any, partition: str, context: Any) -> None:
     from airflow.sdk import Variable
     from airflow.sdk.exceptions import AirflowFailException
 
-    from liveramp_capi.state.granularity import ALLOW_VARIABLE, MixedGranularity, check_one_granularity
     from liveramp_capi.operators.config_errors import setting_flag
     from liveramp_capi.operators.partition_claim import run_owner
+    from liveramp_capi.state.granularity import ALLOW_VARIABLE, MixedGranularity, check_one_granularity
 
     allowed = setting_flag(Variable.get(ALLOW_VARIABLE, default="false"), ALLOW_VARIABLE)
     owner = run_owner(context)

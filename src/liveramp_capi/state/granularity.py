@@ -19,8 +19,8 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from liveramp_capi.state.ledger import ledger_table
 from liveramp_capi.domain.partition import HOURLY, partition_granularity
+from liveramp_capi.state.ledger import ledger_table
 
 #: The Variable that lets a day and its hours both be delivered (their files hold different events).
 ALLOW_VARIABLE = "capi_allow_mixed_granularity"
