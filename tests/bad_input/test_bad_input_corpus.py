@@ -23,7 +23,7 @@ from conversions_run import configure_pipeline, output_json, output_jsonl, yeste
 from corpus import ENVELOPE, EXPECTED, case_bytes, case_names, stage_case  # noqa: E402
 from fault_support import run_dag_once, task_context  # noqa: E402
 
-from liveramp_capi.domain.partition import PartitionLayout, run_key  # noqa: E402
+from liveramp_capi.storage.layout import PartitionLayout, run_key  # noqa: E402
 
 RUN_ID = "manual__bad_input"
 

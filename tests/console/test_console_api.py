@@ -10,7 +10,7 @@ import sqlite3
 import pytest
 from console_support import sample_secrets, token_for
 
-from liveramp_capi.domain.partition import PartitionLayout, run_key
+from liveramp_capi.storage.layout import PartitionLayout, run_key
 
 pytestmark = pytest.mark.airflow
 
