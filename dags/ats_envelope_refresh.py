@@ -76,7 +76,7 @@ with DAG(
     recover_held = RecoverHeldConversionsOperator(
         task_id="recover_held",
         output_root=OUTPUT_ROOT,
-        result_folder="envelope_refresh/" + RUN_DATE,
+        run_date=RUN_DATE,
         max_event_age_days=templated("max_event_age_days"),
         # Refreshed or not, envelopes that arrived with the latest partitions can win events back.
         trigger_rule="all_done",

@@ -141,7 +141,6 @@ def build_conversions_dag(dag_id: str, granularity: str, doc_md: str) -> DAG:
         claim_partition = ClaimPartitionOperator(
             task_id="claim_partition",
             partition=partition,
-            landing_root=LANDING_ROOT,
             output_root=OUTPUT_ROOT,
             wait_minutes=templated("wait_minutes"),
             poll_seconds=templated("poll_seconds"),
@@ -172,7 +171,6 @@ def build_conversions_dag(dag_id: str, granularity: str, doc_md: str) -> DAG:
         recover_held = RecoverHeldConversionsOperator(
             task_id="recover_held",
             output_root=OUTPUT_ROOT,
-            result_folder="dt=" + partition,
             partition=partition,
             max_event_age_days=templated("max_event_age_days"),
             dry_run=DRY_RUN,
@@ -180,9 +178,7 @@ def build_conversions_dag(dag_id: str, granularity: str, doc_md: str) -> DAG:
             # partitions whose user came back with a fresh envelope right after.
             trigger_rule="all_done",
         )
-        report = ReportConversionsOperator(
-            task_id="report", partition=partition, landing_root=LANDING_ROOT, output_root=OUTPUT_ROOT, dry_run=DRY_RUN
-        )
+        report = ReportConversionsOperator(task_id="report", partition=partition, output_root=OUTPUT_ROOT, dry_run=DRY_RUN)
 
         wait_for_partition >> claim_partition >> extract >> validate >> send >> recover_held >> report
     return dag

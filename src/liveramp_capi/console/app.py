@@ -42,7 +42,7 @@ def _variable(name: str) -> str:
     from airflow.sdk import Variable
 
     setting = SETTINGS[name]
-    return str(Variable.get(setting.variable, default=setting.default))
+    return str(Variable.get(str(setting.variable), default=setting.default))
 
 
 def output_root() -> OutputRoot:

@@ -12,8 +12,9 @@ from liveramp_capi import metrics
 from liveramp_capi.operators.config_errors import permanent_config_errors
 from liveramp_capi.pipeline.config import ValidateConfig
 
-#: The arguments that make up the step's :class:`ValidateConfig`.
-_CONFIG_FIELDS = ValidateConfig.__dataclass_fields__.keys()
+#: The arguments that make up the step's :class:`ValidateConfig`, besides the dry run.
+_SETTINGS = ("max_invalid_ratio", "max_event_age_days", "allow_custom_events", "events_per_shard", "reference_time",
+             "max_future_skew_seconds", "max_line_bytes")
 
 
 class ValidateConversionsOperator(BaseOperator):
@@ -54,7 +55,7 @@ class ValidateConversionsOperator(BaseOperator):
         "allow_custom_events",
         "reference_time",
         "events_per_shard",
-        "dry_run",
+        "dry_run_setting",
     )
     ui_color = "#fef7e0"
 
@@ -87,7 +88,8 @@ class ValidateConversionsOperator(BaseOperator):
         self.events_per_shard = events_per_shard
         self.max_line_bytes = max_line_bytes
         self.capi_state_conn_id = capi_state_conn_id
-        self.dry_run = dry_run
+        # Not ``self.dry_run``: that name is BaseOperator's dry_run() method.
+        self.dry_run_setting = dry_run
 
     def execute(self, context: Any) -> list[int]:
         from liveramp_capi.operators.partition_claim import holding_partition
@@ -96,18 +98,21 @@ class ValidateConversionsOperator(BaseOperator):
         from liveramp_capi.storage import PartitionStorage
 
         with permanent_config_errors():
-            config = ValidateConfig.parse({name: getattr(self, name) for name in _CONFIG_FIELDS})
+            config = ValidateConfig.parse(
+                {**{name: getattr(self, name) for name in _SETTINGS}, "dry_run": self.dry_run_setting}
+            )
             storage = PartitionStorage(self.landing_root, self.output_root, self.partition, context["run_id"])
         with state_database(self.capi_state_conn_id, "nothing validated") as state:
             envelope_store = state.get_envelope_store()
+        failure: RejectedShareExceeded | None = None
         try:
             with holding_partition(state, storage.partition, context) as claim:
                 result = validate_partition(config, storage, envelope_store, claim)
         except RejectedShareExceeded as exceeded:
-            if not config.dry_run:
-                metrics.validated(exceeded.result.validation)
-            raise AirflowFailException(str(exceeded)) from None
+            failure, result = exceeded, exceeded.result
         if not config.dry_run:
             metrics.validated(result.validation)
+        if failure is not None:
+            raise AirflowFailException(str(failure)) from None
         # What the send step maps over: the indices of non-empty shards.
         return result.shards

@@ -87,18 +87,26 @@ def _source(name: str) -> str:
     return f"{name} (Variable {variable})" if variable else name
 
 
-def number(name: str, value: Any, kind: type[int] | type[float] | None = None, **bounds: float) -> Any:
+def number(
+    name: str,
+    value: Any,
+    kind: type[int] | type[float] | None = None,
+    *,
+    minimum: float | None = None,
+    example: str | None = None,
+) -> Any:
     """``value`` as the setting's number within its bounds, or a :class:`SettingError` naming it.
 
     :param name: the setting (a key of :data:`SETTINGS`, or any argument name with ``kind``).
     :param value: the rendered value; None or ``""`` takes the setting's default.
     :param kind: ``int`` or ``float`` for a name outside the table.
-    :param bounds: ``minimum``/``maximum``/``example`` overriding the table's.
+    :param minimum: overrides the table's minimum.
+    :param example: overrides the table's example.
     """
     setting = SETTINGS.get(name, Setting(None, "", "int" if kind is int else "float"))
-    minimum = bounds.get("minimum", setting.minimum)
-    maximum = bounds.get("maximum", setting.maximum)
-    example = str(bounds.get("example", setting.example))
+    minimum = setting.minimum if minimum is None else minimum
+    maximum = setting.maximum
+    example = setting.example if example is None else example
     cast: type[int] | type[float] = kind or (int if setting.kind == "int" else float)
     text = setting.default if value is None or str(value).strip() in ("", "None") else str(value).strip()
     try:

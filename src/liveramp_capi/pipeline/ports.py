@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from liveramp_capi.state.lease import LeaseState
 
 
 class Claim(Protocol):
@@ -10,3 +13,13 @@ class Claim(Protocol):
 
     def ensure_held(self) -> None:
         """Raise when another run took the partition over."""
+
+
+class Ownership(Protocol):
+    """This run's ownership of its partition, taken and given back at the end of the run."""
+
+    def claim(self) -> LeaseState:
+        """Take or renew the claim; raise :class:`~liveramp_capi.state.lease.PartitionHeld` when another run holds it."""
+
+    def release(self) -> None:
+        """Give the claim back (a no-op when this run does not hold it)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any, BinaryIO, cast
 
 from airflow.sdk import ObjectStoragePath
 
@@ -76,6 +76,11 @@ def check_root_reachable(url: str, *, variable: str, local_must_exist: bool = Tr
         ) from None
 
 
+def _open(path: Any, mode: str, **options: Any) -> BinaryIO:
+    """``path.open`` typed: ObjectStoragePath's own is not."""
+    return cast(BinaryIO, path.open(mode, **options))
+
+
 @dataclass(frozen=True, slots=True)
 class InputFile:
     """One file of a partition, as listed by the extract step."""
@@ -100,15 +105,13 @@ class OutputFolder:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    def open_output(self, relative: str) -> IO[bytes]:
+    def open_output(self, relative: str) -> BinaryIO:
         """Open an output file for binary writing (replacing it)."""
-        stream: IO[bytes] = self.output(relative).open("wb", block_size=OBJECT_BLOCK_BYTES)
-        return stream
+        return _open(self.output(relative), "wb", block_size=OBJECT_BLOCK_BYTES)
 
-    def open_read(self, relative: str) -> IO[bytes]:
+    def open_read(self, relative: str) -> BinaryIO:
         """Open an output file for binary reading."""
-        stream: IO[bytes] = (self.output_dir / relative).open("rb")
-        return stream
+        return _open(self.output_dir / relative, "rb")
 
     def write_json(self, relative: str, value: Any) -> None:
         with self.open_output(relative) as stream:
@@ -211,12 +214,11 @@ class PartitionStorage(OutputFolder):
         ignored.sort()
         return inputs, ignored
 
-    def open_input(self, name: str) -> IO[bytes]:
+    def open_input(self, name: str) -> BinaryIO:
         """Open one input file of the partition for binary streaming."""
         if "/" in name or name in {"", ".", ".."}:
             raise ValueError("input file names are plain names inside the partition folder")
-        stream: IO[bytes] = (self.input_dir / name).open("rb", block_size=OBJECT_BLOCK_BYTES)
-        return stream
+        return _open(self.input_dir / name, "rb", block_size=OBJECT_BLOCK_BYTES)
 
     # -- output ----------------------------------------------------------------------------
     def publish(self, deliverable: str, *, dry_run: bool = False) -> None:
