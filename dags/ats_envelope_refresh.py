@@ -36,7 +36,7 @@ from liveramp_capi.operators.refresh import (
     RefreshEnvelopesOperator,
     ReportEnvelopeRefreshOperator,
 )
-from liveramp_capi.pipeline.config import templated
+from liveramp_capi.pipeline.config import RecoverConfig, RefreshPlanConfig, RefreshReportConfig, templates
 
 RUN_DATE = "{{ ds }}"
 
@@ -64,8 +64,7 @@ with DAG(
         task_id="plan",
         run_date=RUN_DATE,
         output_root=OUTPUT_ROOT,
-        remaining_share=templated("remaining_share"),
-        slices=templated("slices"),
+        **templates(RefreshPlanConfig),
     )
     refresh = RefreshEnvelopesOperator.partial(
         task_id="refresh",
@@ -77,7 +76,7 @@ with DAG(
         task_id="recover_held",
         output_root=OUTPUT_ROOT,
         run_date=RUN_DATE,
-        max_event_age_days=templated("max_event_age_days"),
+        **templates(RecoverConfig),
         # Refreshed or not, envelopes that arrived with the latest partitions can win events back.
         trigger_rule="all_done",
     )
@@ -85,7 +84,7 @@ with DAG(
         task_id="report",
         run_date=RUN_DATE,
         output_root=OUTPUT_ROOT,
-        max_failure_ratio=templated("max_failure_ratio"),
+        **templates(RefreshReportConfig),
     )
 
     plan >> refresh >> recover_held >> report

@@ -20,7 +20,7 @@ from liveramp_capi.operators.recover import RecoverHeldConversionsOperator
 from liveramp_capi.operators.report import ReportConversionsOperator
 from liveramp_capi.operators.send import SendConversionsOperator
 from liveramp_capi.operators.validate import ValidateConversionsOperator
-from liveramp_capi.pipeline.config import templated
+from liveramp_capi.pipeline.config import ClaimConfig, RecoverConfig, ValidateConfig, templated, templates
 from liveramp_capi.sensors import PartitionReadySensor
 
 
@@ -142,8 +142,7 @@ def build_conversions_dag(dag_id: str, granularity: str, doc_md: str) -> DAG:
             task_id="claim_partition",
             partition=partition,
             output_root=OUTPUT_ROOT,
-            wait_minutes=templated("wait_minutes"),
-            poll_seconds=templated("poll_seconds"),
+            **templates(ClaimConfig),
             dry_run=DRY_RUN,
         )
         extract = ExtractPartitionOperator(
@@ -154,16 +153,12 @@ def build_conversions_dag(dag_id: str, granularity: str, doc_md: str) -> DAG:
             partition=partition,
             landing_root=LANDING_ROOT,
             output_root=OUTPUT_ROOT,
-            max_invalid_ratio=templated("max_invalid_ratio"),
-            max_event_age_days=templated("max_event_age_days"),
-            allow_custom_events=templated("allow_custom_events"),
-            events_per_shard=templated("events_per_shard"),
+            **templates(ValidateConfig),
             dry_run=DRY_RUN,
         )
         send = SendConversionsOperator.partial(
             task_id="send",
             partition=partition,
-            landing_root=LANDING_ROOT,
             output_root=OUTPUT_ROOT,
             dry_run=DRY_RUN,
             map_index_template="shard {{ task.shard }}",
@@ -172,7 +167,7 @@ def build_conversions_dag(dag_id: str, granularity: str, doc_md: str) -> DAG:
             task_id="recover_held",
             output_root=OUTPUT_ROOT,
             partition=partition,
-            max_event_age_days=templated("max_event_age_days"),
+            **templates(RecoverConfig),
             dry_run=DRY_RUN,
             # After send: this partition's own events go out first, and held ones of earlier
             # partitions whose user came back with a fresh envelope right after.

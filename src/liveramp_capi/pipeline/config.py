@@ -1,8 +1,11 @@
 """The pipelines' settings: one table of names, Variables and defaults; typed configs parsed from it.
 
 Each setting is read from an Airflow Variable when its task runs (the DAG files pass the
-templates :func:`templated` builds, never reading a Variable while parsed). Each task parses the
-settings it uses into a frozen config; a malformed value fails that task at once with a
+templates :func:`templated` and :func:`templates` build, never reading a Variable while parsed).
+A DAG's config is made of one section per step (:class:`ClaimConfig`, :class:`ValidateConfig`,
+:class:`RecoverConfig` for the conversions DAGs; :class:`RefreshPlanConfig`,
+:class:`RecoverConfig`, :class:`RefreshReportConfig` for the envelope refresh). Each task parses
+its own section, so a malformed value fails the task that reads it, at once, with a
 :class:`SettingError` naming the setting and its Variable. Plain Python: no Airflow import.
 """
 
@@ -12,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from liveramp_capi.domain.envelopes import DEFAULT_REFRESH_REMAINING_SHARE
@@ -80,6 +83,18 @@ def templated(name: str) -> str:
     setting = SETTINGS[name]
     assert setting.variable is not None, f"{name} is not read from a Variable"
     return "{{ var.value.get('" + setting.variable + "', '" + setting.default + "') }}"
+
+
+def templates(section: Any) -> dict[str, Any]:
+    """The templates of a config section's settings read from Variables, as its operator's arguments.
+
+    :param section: a config class of this module, e.g. :class:`ValidateConfig`.
+    """
+    return {
+        name: templated(name)
+        for name in (field.name for field in fields(section))
+        if name in SETTINGS and SETTINGS[name].variable is not None
+    }
 
 
 def _source(name: str) -> str:
@@ -229,24 +244,3 @@ class RefreshReportConfig:
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> RefreshReportConfig:
         return cls(max_failure_ratio=number("max_failure_ratio", raw.get("max_failure_ratio")))
-
-
-@dataclass(frozen=True, slots=True)
-class ConversionsConfig:
-    """The conversions DAG's settings, one section per step that reads them.
-
-    Each task parses only its own section, so a malformed Variable fails the task that reads it.
-    """
-
-    claim: ClaimConfig
-    validate: ValidateConfig
-    recover: RecoverConfig
-
-
-@dataclass(frozen=True, slots=True)
-class EnvelopeRefreshConfig:
-    """The envelope refresh DAG's settings, one section per step that reads them."""
-
-    plan: RefreshPlanConfig
-    recover: RecoverConfig
-    report: RefreshReportConfig
