@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from liveramp_capi.domain.envelopes import DEFAULT_REFRESH_REMAINING_SHARE
 
@@ -148,73 +147,72 @@ def flag(name: str, value: Any) -> bool:
     raise SettingError(f"{_source(name)} must be true or false (got {str(value)[:20]!r})")
 
 
-@dataclass(frozen=True, slots=True)
-class ClaimConfig:
-    """How long ``claim_partition`` waits while another run holds the partition."""
+class _Section:
+    """A config section: parsed from the rendered operator arguments, one field per setting."""
 
-    wait_seconds: float
-    poll_seconds: float
-    dry_run: bool
+    __slots__ = ()
 
     @classmethod
-    def parse(cls, raw: Mapping[str, Any]) -> ClaimConfig:
-        return cls(
-            wait_seconds=number("wait_minutes", raw.get("wait_minutes")) * 60,
-            poll_seconds=number("poll_seconds", raw.get("poll_seconds")),
-            dry_run=flag("dry_run", raw.get("dry_run")),
-        )
+    def parse(cls, raw: Mapping[str, Any]) -> Self:
+        """The section from ``raw`` (field name to rendered value); missing values take their defaults.
+
+        :raises SettingError: naming the first malformed setting and its Variable.
+        """
+        values: dict[str, Any] = {}
+        for field in fields(cls):  # type: ignore[arg-type]
+            given = raw.get(field.name)
+            setting = SETTINGS.get(field.name)
+            if setting is None:
+                # A tuning argument of the operator, not a Variable: the field's default unless given.
+                if given is not None:
+                    values[field.name] = int(given)
+            elif setting.kind == "flag":
+                values[field.name] = flag(field.name, given)
+            elif setting.default or given not in (None, "", "None"):
+                values[field.name] = number(field.name, given)
+        return cls(**values)
 
 
 @dataclass(frozen=True, slots=True)
-class ValidateConfig:
+class ClaimConfig(_Section):
+    """How long ``claim_partition`` waits while another run holds the partition."""
+
+    wait_minutes: float
+    poll_seconds: float
+    dry_run: bool = False
+
+    @property
+    def wait_seconds(self) -> float:
+        return self.wait_minutes * 60
+
+
+@dataclass(frozen=True, slots=True)
+class ValidateConfig(_Section):
     """What the validate step accepts and how it cuts the partition into shards.
 
-    :param reference_time: Unix seconds the age window is measured from.
+    :param reference_time: Unix seconds the age window is measured from (None: when validation starts).
     """
 
     max_invalid_ratio: float
     max_event_age_days: int
     allow_custom_events: bool
     events_per_shard: int
-    reference_time: int
-    dry_run: bool
+    reference_time: int | None = None
+    dry_run: bool = False
     max_future_skew_seconds: int = 300
     max_line_bytes: int = 1_048_576
 
-    @classmethod
-    def parse(cls, raw: Mapping[str, Any]) -> ValidateConfig:
-        given_time = raw.get("reference_time")
-        return cls(
-            max_invalid_ratio=number("max_invalid_ratio", raw.get("max_invalid_ratio")),
-            max_event_age_days=number("max_event_age_days", raw.get("max_event_age_days")),
-            allow_custom_events=flag("allow_custom_events", raw.get("allow_custom_events")),
-            events_per_shard=number("events_per_shard", raw.get("events_per_shard")),
-            reference_time=(
-                int(time.time()) if given_time in (None, "", "None") else number("reference_time", given_time)
-            ),
-            dry_run=flag("dry_run", raw.get("dry_run")),
-            max_future_skew_seconds=int(raw.get("max_future_skew_seconds") or 300),
-            max_line_bytes=int(raw.get("max_line_bytes") or 1_048_576),
-        )
-
 
 @dataclass(frozen=True, slots=True)
-class RecoverConfig:
+class RecoverConfig(_Section):
     """The attribution window of held conversions (older ones are lost)."""
 
     max_event_age_days: int
-    dry_run: bool
-
-    @classmethod
-    def parse(cls, raw: Mapping[str, Any]) -> RecoverConfig:
-        return cls(
-            max_event_age_days=number("max_event_age_days", raw.get("max_event_age_days")),
-            dry_run=flag("dry_run", raw.get("dry_run")),
-        )
+    dry_run: bool = False
 
 
 @dataclass(frozen=True, slots=True)
-class RefreshPlanConfig:
+class RefreshPlanConfig(_Section):
     """How the envelope refresh selects due rows and splits them into slices.
 
     :param slices: 0 chooses from the due count (``rows_per_slice``, at most ``max_slices``).
@@ -225,22 +223,9 @@ class RefreshPlanConfig:
     rows_per_slice: int = 50_000
     max_slices: int = 64
 
-    @classmethod
-    def parse(cls, raw: Mapping[str, Any]) -> RefreshPlanConfig:
-        return cls(
-            remaining_share=number("remaining_share", raw.get("remaining_share")),
-            slices=number("slices", raw.get("slices")),
-            rows_per_slice=int(raw.get("rows_per_slice") or 50_000),
-            max_slices=int(raw.get("max_slices") or 64),
-        )
-
 
 @dataclass(frozen=True, slots=True)
-class RefreshReportConfig:
+class RefreshReportConfig(_Section):
     """The largest share of failed envelope refreshes a run may end with."""
 
     max_failure_ratio: float
-
-    @classmethod
-    def parse(cls, raw: Mapping[str, Any]) -> RefreshReportConfig:
-        return cls(max_failure_ratio=number("max_failure_ratio", raw.get("max_failure_ratio")))

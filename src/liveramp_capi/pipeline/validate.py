@@ -102,7 +102,7 @@ def validate_partition(
         f["size"] * (_GZIP_RATIO if f["name"].lower().endswith(".gz") else 1) for f in files
     ) // _BYTES_PER_EVENT
     shard_count = plan_shard_count(max(estimated, 1), events_per_shard=config.events_per_shard)
-    now = config.reference_time
+    now = int(time.time()) if config.reference_time is None else config.reference_time
     validator = RecordValidator(
         EventSchemaValidator(allow_custom_events=config.allow_custom_events),
         EventTimeWindow(now, max_age_days=config.max_event_age_days,
