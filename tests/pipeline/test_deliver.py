@@ -6,7 +6,7 @@ import json
 import random
 
 import pytest
-from conftest import ENVELOPE, PARTITION, REFERENCE_TIME, LeaseOwnership, stage, web_event
+from pipeline_support import ENVELOPE, PARTITION, REFERENCE_TIME, LeaseOwnership, stage, web_event
 
 from liveramp_capi.delivery.sender import BatchSender
 from liveramp_capi.delivery.settings import CapiSettings

@@ -7,7 +7,7 @@ import random
 import time
 
 import pytest
-from conftest import PARTITION, LeaseOwnership
+from pipeline_support import PARTITION, LeaseOwnership
 
 from liveramp_capi.delivery.refresh import EnvelopeRefresher
 from liveramp_capi.delivery.settings import CapiSettings

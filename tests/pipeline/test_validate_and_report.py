@@ -7,7 +7,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import PARTITION, REFERENCE_TIME, LeaseOwnership, stage, web_event
+from pipeline_support import PARTITION, REFERENCE_TIME, LeaseOwnership, stage, web_event
 
 from liveramp_capi.pipeline.config import SettingError, ValidateConfig
 from liveramp_capi.pipeline.errors import PermanentStepFailure
