@@ -55,33 +55,13 @@ def step_failures() -> Iterator[None]:
         raise AirflowException(str(err)) from None
 
 
-def _airflow_failure(err: config.SettingError) -> AirflowFailException:
-    return AirflowFailException(str(err))
-
-
-def setting_number(value: Any, kind: type, name: str, variable: str | None, example: str, *, minimum: float = 0) -> Any:
-    """``value`` as an int or float of at least ``minimum``, or a failure naming the setting and its Variable.
-
-    :param value: the rendered setting.
-    :param kind: ``int`` or ``float``.
-    :param name: the operator argument it came from (a setting of :data:`~liveramp_capi.pipeline.config.SETTINGS`).
-    :param variable: unused: the setting table names the Variable.
-    :param example: a valid value for the message.
-    :param minimum: the smallest acceptable value.
-    """
-    try:
-        return config.number(name, value, kind, minimum=minimum, example=example)
-    except config.SettingError as err:
-        raise _airflow_failure(err) from None
-
-
 def setting_flag(value: Any, name: str) -> bool:
     """``value`` (a rendered param such as ``True``) as a bool, or a failure naming the setting.
+
+    Kept for adapters that parse a lone flag outside a config section.
 
     :param value: the rendered setting.
     :param name: the param or argument it came from.
     """
-    try:
+    with permanent_config_errors():
         return config.flag(name, value)
-    except config.SettingError as err:
-        raise _airflow_failure(err) from None
