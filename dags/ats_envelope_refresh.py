@@ -7,7 +7,7 @@ jurisdiction (TCF v2, or GPP sections naming only non-Californian jurisdictions)
 README for the `envelope_lifetime_rule` override. The conversions pipeline keeps the newest
 envelope of every advertiser user key in the envelope store (`capi_envelope_store` in the state
 database, connection `capi_state_default`); this DAG refreshes each envelope once at most
-`capi_envelope_refresh_remaining_share` (default 0.33) of its own lifetime is left, through
+`capi_envelope_refresh_remaining_share` (default a third) of its own lifetime is left, through
 LiveRamp's envelope refresh API (connection `liveramp_envelope_default`: base URL, extra `pid`
 and `origin`), so offline conversions sent weeks later still carry a live envelope.
 
@@ -28,7 +28,7 @@ import datetime as dt
 
 from airflow.sdk import DAG
 
-from liveramp_capi.dags_factory import OUTPUT_ROOT, variable
+from liveramp_capi.dags_factory import OUTPUT_ROOT
 from liveramp_capi.notifiers import default_failure_notifier
 from liveramp_capi.operators.recover import RecoverHeldConversionsOperator
 from liveramp_capi.operators.refresh import (
@@ -36,6 +36,7 @@ from liveramp_capi.operators.refresh import (
     RefreshEnvelopesOperator,
     ReportEnvelopeRefreshOperator,
 )
+from liveramp_capi.pipeline.config import RecoverConfig, RefreshPlanConfig, RefreshReportConfig, templates
 
 RUN_DATE = "{{ ds }}"
 
@@ -63,8 +64,7 @@ with DAG(
         task_id="plan",
         run_date=RUN_DATE,
         output_root=OUTPUT_ROOT,
-        remaining_share=variable("capi_envelope_refresh_remaining_share", "0.33"),
-        slices=variable("capi_envelope_refresh_slices", "0"),
+        **templates(RefreshPlanConfig),
     )
     refresh = RefreshEnvelopesOperator.partial(
         task_id="refresh",
@@ -75,8 +75,8 @@ with DAG(
     recover_held = RecoverHeldConversionsOperator(
         task_id="recover_held",
         output_root=OUTPUT_ROOT,
-        result_folder="envelope_refresh/" + RUN_DATE,
-        max_event_age_days=variable("capi_max_event_age_days", "28"),
+        run_date=RUN_DATE,
+        **templates(RecoverConfig),
         # Refreshed or not, envelopes that arrived with the latest partitions can win events back.
         trigger_rule="all_done",
     )
@@ -84,7 +84,7 @@ with DAG(
         task_id="report",
         run_date=RUN_DATE,
         output_root=OUTPUT_ROOT,
-        max_failure_ratio=variable("capi_envelope_refresh_max_failure_ratio", "0.1"),
+        **templates(RefreshReportConfig),
     )
 
     plan >> refresh >> recover_held >> report

@@ -30,6 +30,13 @@ LANDING, OUTPUT = "capi-landing", "capi-output"
 _SEED = 20261120
 
 
+class _Unclaimed:
+    """No partition claim: the bench runs alone."""
+
+    def ensure_held(self) -> None:
+        return None
+
+
 def run_validate_child(spec_path: str) -> int:
     """Child process: extract and validate one S3 partition, print the counts and the peak RSS."""
     import logging
@@ -40,7 +47,8 @@ def run_validate_child(spec_path: str) -> int:
     os.environ["AIRFLOW_CONN_CAPI_STATE_DEFAULT"] = json.dumps({"conn_type": "sqlite", "host": spec["state_db"]})
     from liveramp_capi.hooks.state import CapiStateHook
     from liveramp_capi.operators.extract import ExtractPartitionOperator
-    from liveramp_capi.operators.validate import ValidateConversionsOperator
+    from liveramp_capi.pipeline.config import ValidateConfig
+    from liveramp_capi.pipeline.validate import validate_partition
     from liveramp_capi.storage import PartitionStorage
 
     roots = {"partition": PARTITION, "landing_root": spec["landing_root"], "output_root": spec["output_root"]}
@@ -48,11 +56,11 @@ def run_validate_child(spec_path: str) -> int:
     ExtractPartitionOperator(task_id="extract", **roots).execute({"run_id": run_id})
     # One shard at every size: the shard count is its own knob (capi_events_per_shard), and each
     # open shard holds one write block; what is measured is the growth with the files alone.
-    validate = ValidateConversionsOperator(task_id="validate", events_per_shard=10**9, **roots)
+    config = ValidateConfig.parse({"max_invalid_ratio": 1.0, "events_per_shard": 10**9, "reference_time": spec["now"]})
     storage = PartitionStorage(spec["landing_root"], spec["output_root"], PARTITION, run_id)
     store = CapiStateHook().get_envelope_store()
     # The step's own streaming body (the claim and Airflow's context are not what is measured).
-    shards = validate._validate(storage, store, 1.0, 28, False, spec["now"])
+    shards = validate_partition(config, storage, store, _Unclaimed()).shards
     validation = storage.read_json(storage.layout.validation)
     print(json.dumps({
         "events": spec["events"],

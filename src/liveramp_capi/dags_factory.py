@@ -8,7 +8,6 @@ two DAGs run the same tasks, differing only in their partition names (``YYYY-MM-
 from __future__ import annotations
 
 import datetime as dt
-import os
 from dataclasses import dataclass
 
 from airflow.sdk import DAG, CronPartitionTimetable, Param
@@ -21,6 +20,7 @@ from liveramp_capi.operators.recover import RecoverHeldConversionsOperator
 from liveramp_capi.operators.report import ReportConversionsOperator
 from liveramp_capi.operators.send import SendConversionsOperator
 from liveramp_capi.operators.validate import ValidateConversionsOperator
+from liveramp_capi.pipeline.config import ClaimConfig, RecoverConfig, ValidateConfig, templated, templates
 from liveramp_capi.sensors import PartitionReadySensor
 
 
@@ -33,7 +33,7 @@ class Granularity:
     :param param_pattern: the ``partition`` param's pattern.
     :param param_example: the ``partition`` param's format, for its description.
     :param logical_key: the partition of a run made without a param or partition key.
-    :param wait_variable: the Variable bounding the ``_SUCCESS`` wait, and its default in minutes.
+    :param wait_setting: the setting (:data:`~liveramp_capi.pipeline.config.SETTINGS`) bounding the ``_SUCCESS`` wait.
     :param deadline_env: the environment variable of the deadline alert.
     :param description: the DAG's one-line description.
     """
@@ -43,7 +43,7 @@ class Granularity:
     param_pattern: str
     param_example: str
     logical_key: str
-    wait_variable: tuple[str, str]
+    wait_setting: str
     deadline_env: str
     description: str
 
@@ -56,7 +56,7 @@ GRANULARITIES: dict[str, Granularity] = {
         r"^\d{4}-\d{2}-\d{2}$",
         "YYYY-MM-DD",
         "ds",
-        ("capi_partition_wait_minutes", "360"),
+        "partition_wait_minutes",
         "CAPI_PARTITION_DEADLINE_MINUTES",
         "Deliver a day's conversions to TikTok through LiveRamp's ATS CAPI adapter",
     ),
@@ -67,25 +67,14 @@ GRANULARITIES: dict[str, Granularity] = {
         r"^\d{4}-\d{2}-\d{2}T\d{2}$",
         "YYYY-MM-DDTHH (UTC)",
         "ts[:13]",
-        ("capi_hourly_partition_wait_minutes", "90"),
+        "hourly_partition_wait_minutes",
         "CAPI_HOURLY_PARTITION_DEADLINE_MINUTES",
         "Deliver an hour's conversions to TikTok through LiveRamp's ATS CAPI adapter",
     ),
 }
 
-_AIRFLOW_HOME = os.environ.get("AIRFLOW_HOME", os.path.expanduser("~/airflow"))
-
-
-def variable(name: str, default: str) -> str:
-    """A templated setting: the Airflow Variable ``name``, or ``default`` when it is not set.
-
-    Rendered when a task runs, never at DAG-parse time (no metadata DB access while parsing).
-    """
-    return "{{ var.value.get('" + name + "', '" + default + "') }}"
-
-
-LANDING_ROOT = variable("capi_landing_root", f"file://{_AIRFLOW_HOME}/capi/landing")
-OUTPUT_ROOT = variable("capi_output_root", f"file://{_AIRFLOW_HOME}/capi/output")
+LANDING_ROOT = templated("landing_root")
+OUTPUT_ROOT = templated("output_root")
 DRY_RUN = "{{ params.dry_run }}"
 
 
@@ -100,7 +89,6 @@ def build_conversions_dag(dag_id: str, granularity: str, doc_md: str) -> DAG:
     # Manual runs name their partition; scheduled runs get it from the partition timetable; a
     # run made without either falls back to its logical date.
     partition = "{{ params.partition or partition_key or " + kind.logical_key + " }}"
-    wait_variable, wait_default = kind.wait_variable
     with DAG(
         dag_id=dag_id,
         description=kind.description,
@@ -143,8 +131,8 @@ def build_conversions_dag(dag_id: str, granularity: str, doc_md: str) -> DAG:
             task_id="wait_for_partition",
             partition=partition,
             landing_root=LANDING_ROOT,
-            max_wait_minutes=variable(wait_variable, wait_default),
-            poll_seconds=variable("capi_partition_poll_seconds", "60"),
+            max_wait_minutes=templated(kind.wait_setting),
+            poll_seconds=templated("partition_poll_seconds"),
             # Waiting is not failing: the sensor's own timeout is the limit, not retries.
             retries=1,
         )
@@ -153,10 +141,8 @@ def build_conversions_dag(dag_id: str, granularity: str, doc_md: str) -> DAG:
         claim_partition = ClaimPartitionOperator(
             task_id="claim_partition",
             partition=partition,
-            landing_root=LANDING_ROOT,
             output_root=OUTPUT_ROOT,
-            wait_minutes=variable("capi_partition_claim_wait_minutes", "60"),
-            poll_seconds=variable("capi_partition_claim_poll_seconds", "15"),
+            **templates(ClaimConfig),
             dry_run=DRY_RUN,
         )
         extract = ExtractPartitionOperator(
@@ -167,17 +153,12 @@ def build_conversions_dag(dag_id: str, granularity: str, doc_md: str) -> DAG:
             partition=partition,
             landing_root=LANDING_ROOT,
             output_root=OUTPUT_ROOT,
-            max_invalid_ratio=variable("capi_max_invalid_ratio", "0.05"),
-            max_event_age_days=variable("capi_max_event_age_days", "28"),
-            allow_custom_events=variable("capi_allow_custom_events", "false"),
-            # Smaller shards spread one partition over more workers (and bound each task's memory).
-            events_per_shard=variable("capi_events_per_shard", "100000"),
+            **templates(ValidateConfig),
             dry_run=DRY_RUN,
         )
         send = SendConversionsOperator.partial(
             task_id="send",
             partition=partition,
-            landing_root=LANDING_ROOT,
             output_root=OUTPUT_ROOT,
             dry_run=DRY_RUN,
             map_index_template="shard {{ task.shard }}",
@@ -185,17 +166,14 @@ def build_conversions_dag(dag_id: str, granularity: str, doc_md: str) -> DAG:
         recover_held = RecoverHeldConversionsOperator(
             task_id="recover_held",
             output_root=OUTPUT_ROOT,
-            result_folder="dt=" + partition,
             partition=partition,
-            max_event_age_days=variable("capi_max_event_age_days", "28"),
+            **templates(RecoverConfig),
             dry_run=DRY_RUN,
             # After send: this partition's own events go out first, and held ones of earlier
             # partitions whose user came back with a fresh envelope right after.
             trigger_rule="all_done",
         )
-        report = ReportConversionsOperator(
-            task_id="report", partition=partition, landing_root=LANDING_ROOT, output_root=OUTPUT_ROOT, dry_run=DRY_RUN
-        )
+        report = ReportConversionsOperator(task_id="report", partition=partition, output_root=OUTPUT_ROOT, dry_run=DRY_RUN)
 
         wait_for_partition >> claim_partition >> extract >> validate >> send >> recover_held >> report
     return dag

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from liveramp_capi.domain.partition import PartitionLayout, run_key
+from liveramp_capi.storage.layout import PartitionLayout, run_key
 from tests.bad_input.corpus import ENVELOPE, EXPECTED, case_bytes, case_names, stage_case
 from tests.support.conversions_run import configure_pipeline, output_json, output_jsonl, yesterday
 from tests.support.fault_support import run_dag_once, task_context

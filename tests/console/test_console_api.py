@@ -9,7 +9,7 @@ import sqlite3
 
 import pytest
 
-from liveramp_capi.domain.partition import PartitionLayout, run_key
+from liveramp_capi.storage.layout import PartitionLayout, run_key
 from tests.console.console_support import sample_secrets, token_for
 
 pytestmark = pytest.mark.airflow

@@ -15,10 +15,10 @@ from liveramp_capi.domain.partition import (
     DAILY,
     HOURLY,
     InvalidPartition,
-    PartitionLayout,
     parse_partition,
     partition_granularity,
 )
+from liveramp_capi.storage.layout import PartitionLayout
 
 
 @pytest.mark.parametrize(

@@ -116,8 +116,10 @@ def _prepare_send(tmp_path: Path, monkeypatch, standin, partition: str) -> None:
 def _send(tmp_path: Path, partition: str):
     from liveramp_capi.operators.send import SendConversionsOperator
 
-    roots = {"landing_root": f"file://{tmp_path / 'landing'}", "output_root": f"file://{tmp_path / 'output'}"}
-    return SendConversionsOperator(task_id="send", shard=0, partition=partition, **roots).execute(task_context())
+    output_root = f"file://{tmp_path / 'output'}"
+    return SendConversionsOperator(task_id="send", shard=0, partition=partition, output_root=output_root).execute(
+        task_context()
+    )
 
 
 def test_unreachable_state_database_stops_send_before_anything_is_sent(standin, tmp_path, monkeypatch):

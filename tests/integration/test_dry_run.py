@@ -137,7 +137,7 @@ def test_dry_run_after_a_partial_delivery_plans_only_the_remainder(airflow_db, s
     assert state_rows(tmp_path / "state.db") == before
     assert output_json(tmp_path, partition, "summary.json") == failed_summary, "the real summary stays"
     # The failed run's own work stays: clearing its failed tasks after a dry run still finds its shards.
-    from liveramp_capi.domain.partition import PartitionLayout, run_key
+    from liveramp_capi.storage.layout import PartitionLayout, run_key
 
     failed_run = PartitionLayout(partition, run_key(failed_summary["run_id"]))
     assert (tmp_path / "output" / failed_run.folder / failed_run.validation).exists()

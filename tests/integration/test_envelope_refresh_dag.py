@@ -110,7 +110,7 @@ def test_refresh_dag_refreshes_due_rows_marks_failures_and_never_calls_without_c
     assert summary["failed_by_reason"] == {"HTTP 400": 1, "err entry": 1}
     assert summary["slices"] == {"planned": 3, "reported": 3, "missing": []}
     # Stored as expired on arrival already, so this run marks none; the lifetime share is reported.
-    assert summary["expired_when_found"] == 0 and summary["remaining_share"] == pytest.approx(0.33)
+    assert summary["expired_when_found"] == 0 and summary["remaining_share"] == pytest.approx(1 / 3)
     assert store.get("u-usp-dead").state == EXPIRED
     assert summary["held_conversions"]["claimed"] == 0
     text = json.dumps(summary)

@@ -8,7 +8,6 @@ Static files are served by a route (not a ``StaticFiles`` mount, which would ski
 
 from __future__ import annotations
 
-import os
 import time
 from functools import lru_cache
 from importlib import resources
@@ -32,7 +31,7 @@ from liveramp_capi.console.partitions import (
 from liveramp_capi.console.plugin import URL_PREFIX
 from liveramp_capi.console.summaries import OutputRoot
 from liveramp_capi.domain.partition import InvalidPartition, parse_partition
-from liveramp_capi.state.envelope_store import DEFAULT_REFRESH_REMAINING_SHARE
+from liveramp_capi.pipeline.config import SETTINGS
 
 STATE_CONN_ID = "capi_state_default"
 _NO_RUN = f"no run of {' or '.join(runs.CONVERSIONS_DAG_IDS)} with this id"
@@ -64,16 +63,17 @@ def readable_conversions_dags(user: GetUserDep) -> tuple[str, ...]:
 ReadableDags = Annotated[tuple[str, ...], Depends(readable_conversions_dags)]
 
 
-def _variable(name: str, default: str) -> str:
+def _variable(name: str) -> str:
+    """The setting ``name`` of :data:`~liveramp_capi.pipeline.config.SETTINGS`, with the DAGs' default."""
     from airflow.sdk import Variable
 
-    return str(Variable.get(name, default=default))
+    setting = SETTINGS[name]
+    return str(Variable.get(str(setting.variable), default=setting.default))
 
 
 def output_root() -> OutputRoot:
     """The output root the DAGs write to (Variable ``capi_output_root``, same default as the DAGs)."""
-    home = os.environ.get("AIRFLOW_HOME", os.path.expanduser("~/airflow"))
-    return OutputRoot(_variable("capi_output_root", f"file://{home}/capi/output"))
+    return OutputRoot(_variable("output_root"))
 
 
 def state_engine() -> Engine:
@@ -214,7 +214,7 @@ def create_app() -> FastAPI:
     @app.get("/api/envelopes", dependencies=[_read_refresh_runs])
     def envelopes(session: SessionDep) -> dict[str, Any]:
         try:
-            share = float(_variable("capi_envelope_refresh_remaining_share", str(DEFAULT_REFRESH_REMAINING_SHARE)))
+            share = float(_variable("remaining_share"))
         except ValueError:
             share = DEFAULT_REFRESH_REMAINING_SHARE  # the refresh DAG itself reports a malformed value
         health = envelope_health(state_engine(), share if 0 < share < 1 else DEFAULT_REFRESH_REMAINING_SHARE)

@@ -17,7 +17,7 @@ from typing import Any
 
 from airflow.sdk import ObjectStoragePath
 
-from liveramp_capi.domain.partition import PartitionLayout, run_key
+from liveramp_capi.storage.layout import ENVELOPE_REFRESH_ROOT, PartitionLayout, RefreshLayout, run_key
 
 #: A partition folder: a day (``dt=2026-11-20``) or an hour (``dt=2026-11-20T13``).
 _PARTITION_FOLDER = re.compile(r"\Adt=(\d{4}-\d{2}-\d{2}(?:T\d{2})?)\Z", re.ASCII)
@@ -108,11 +108,11 @@ class OutputRoot:
     def latest_refresh_summary(self) -> dict[str, Any] | None:
         """The newest envelope refresh run's ``summary.json`` (redacted), or None."""
         self._forget_listings()
-        folder = self.root / "envelope_refresh"
+        folder = self.root / ENVELOPE_REFRESH_ROOT
         if not folder.exists():
             return None
         for run_date in sorted((p.name for p in folder.iterdir() if _RUN_DATE.match(p.name)), reverse=True):
-            found = _read_json(folder / run_date / "summary.json")
+            found = _read_json(folder / run_date / RefreshLayout.summary)
             if found is not None:
                 return {"run_date": run_date, **found}
         return None

@@ -35,9 +35,6 @@ STATES: tuple[str, ...] = (HELD, DELIVERING, RECOVERED, LOST)
 REASON_NO_USER_KEY = "no user key: no fresher envelope can be matched to it"
 REASON_WINDOW_PASSED = "attribution window passed before a fresh envelope arrived"
 
-#: The recovery pass's result document, in the folder of the run that made it.
-HELD_RECOVERY_FILE = "held_recovery.json"
-
 
 def event_key(event_type: str, event_id: str) -> str:
     """The table key of an event: TikTok deduplicates on event name + ``event_id``."""

@@ -1,4 +1,4 @@
-"""Partition names and the layout of a partition's files under the landing and output roots.
+"""Partition names and storage roots, checked before any path is built from them.
 
 A partition is one calendar day, named ``YYYY-MM-DD``, or one hour of a day, named
 ``YYYY-MM-DDTHH`` (UTC, ``00``..``23``); its folder is ``dt=<name>`` either way, so a day's
@@ -10,9 +10,7 @@ path is built from it: nothing the user types can point a run outside its roots.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import re
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 _PARTITION_RE = re.compile(r"\A\d{4}-\d{2}-\d{2}(T\d{2})?\Z", re.ASCII)
@@ -22,13 +20,6 @@ _PARTITION_RE = re.compile(r"\A\d{4}-\d{2}-\d{2}(T\d{2})?\Z", re.ASCII)
 DAILY = "daily"
 HOURLY = "hourly"
 KEY_FORMATS: dict[str, str] = {DAILY: "%Y-%m-%d", HOURLY: "%Y-%m-%dT%H"}
-
-#: The folder of a partition's output that holds what a dry run wrote (never the real deliverables).
-DRY_RUN_DIR = "dry_run"
-_UNSAFE_RE = re.compile(r"[^A-Za-z0-9._-]+")
-
-#: The folder under a partition's output that holds each run's work, one folder per run.
-WORK_ROOT = "_work"
 
 #: File name endings a partition may hold, longest first so ``.jsonl.gz`` wins over ``.gz``.
 INPUT_SUFFIXES: tuple[str, ...] = (".jsonl.gz", ".csv.gz", ".jsonl", ".csv")
@@ -110,107 +101,3 @@ def input_kind(file_name: str) -> str | None:
         if lowered.endswith(suffix):
             return suffix
     return None
-
-
-def run_key(run_id: str) -> str:
-    """A folder name for one Airflow run: readable, path-safe, and distinct for distinct run ids.
-
-    :param run_id: the Airflow run id (e.g. ``manual__2026-11-20T03:00:00+00:00``).
-    """
-    readable = _UNSAFE_RE.sub("_", run_id).strip("._")[:80] or "run"
-    digest = hashlib.blake2b(run_id.encode(), digest_size=4).hexdigest()
-    return f"{readable}-{digest}"
-
-
-@dataclass(frozen=True, slots=True)
-class PartitionLayout:
-    """Relative names of everything a partition run writes under ``<output_root>/dt=<partition>/``.
-
-    ``_work/<run>/`` holds what one run hands from task to task (the manifest, the session
-    shards, per-shard results) and drafts of its deliverables; the deliverables are moved into
-    place beside ``_work/`` only by the run that holds the partition's claim. Two runs of one
-    partition therefore never write into each other's files, and a reader never sees a file half
-    written.
-
-    :param partition: the partition name.
-    :param run: the run's folder name (:func:`run_key`); ``""`` for the folder of no run.
-    """
-
-    partition: str
-    run: str = ""
-
-    @property
-    def folder(self) -> str:
-        return f"dt={self.partition}"
-
-    @property
-    def work_dir(self) -> str:
-        return f"{WORK_ROOT}/{self.run}" if self.run else WORK_ROOT
-
-    def work(self, name: str) -> str:
-        """A file of this run's work folder."""
-        return f"{self.work_dir}/{name}"
-
-    @property
-    def manifest(self) -> str:
-        return self.work("manifest.json")
-
-    @property
-    def validation(self) -> str:
-        return self.work("validation.json")
-
-    @property
-    def shards_dir(self) -> str:
-        return self.work("shards")
-
-    @property
-    def results_dir(self) -> str:
-        return self.work("results")
-
-    @property
-    def failed_dir(self) -> str:
-        return self.work("failed")
-
-    @property
-    def expired_dir(self) -> str:
-        return self.work("envelope_expired")
-
-    @property
-    def plan_dir(self) -> str:
-        return self.work("plan")
-
-    def plan_part(self, index: int) -> str:
-        """A dry run's planned batches of one shard."""
-        return self.work(f"plan/shard-{index:05d}.jsonl")
-
-    @property
-    def envelope_overlay(self) -> str:
-        """A dry run's newest envelope per user key of the partition (what a real run would upsert)."""
-        return self.work("envelope_overlay.jsonl")
-
-    @staticmethod
-    def dry_run(deliverable: str) -> str:
-        """Where a dry run publishes a deliverable: beside the real ones, never over them."""
-        return f"{DRY_RUN_DIR}/{deliverable}"
-
-    def draft(self, deliverable: str) -> str:
-        """Where this run writes a deliverable before it is moved into place."""
-        return self.work(f"publish/{deliverable}")
-
-    envelope_expired = "envelope_expired.jsonl"
-    rejected = "rejected.jsonl"
-    failed = "failed.jsonl"
-    summary = "summary.json"
-    plan = "plan.jsonl"
-
-    def shard(self, index: int) -> str:
-        return self.work(f"shards/shard-{index:05d}.jsonl")
-
-    def result(self, index: int) -> str:
-        return self.work(f"results/shard-{index:05d}.json")
-
-    def failed_part(self, index: int) -> str:
-        return self.work(f"failed/shard-{index:05d}.jsonl")
-
-    def expired_part(self, index: int) -> str:
-        return self.work(f"envelope_expired/shard-{index:05d}.jsonl")

@@ -1,4 +1,4 @@
-"""Extract: fix the list of files that make up a partition before anything reads them."""
+"""Extract: adapter of :func:`liveramp_capi.pipeline.extract.extract_partition`."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException
 
-from liveramp_capi.operators.config_errors import permanent_config_errors
+from liveramp_capi.operators.config_errors import permanent_config_errors, step_failures
 
 
 class ExtractPartitionOperator(BaseOperator):
@@ -44,29 +43,10 @@ class ExtractPartitionOperator(BaseOperator):
         self.allow_empty = allow_empty
 
     def execute(self, context: Any) -> dict[str, Any]:
+        from liveramp_capi.pipeline.extract import extract_partition
         from liveramp_capi.storage import PartitionStorage
 
         with permanent_config_errors():
             storage = PartitionStorage(self.landing_root, self.output_root, self.partition, context["run_id"])
-        inputs, ignored = storage.list_inputs()
-        if ignored:
-            self.log.warning(
-                "Partition %s: ignoring %d entries that are not *.jsonl, *.jsonl.gz, *.csv or *.csv.gz: %s",
-                storage.partition,
-                len(ignored),
-                ", ".join(ignored[:20]),
-            )
-        if not inputs and not self.allow_empty:
-            raise AirflowFailException(
-                f"partition {storage.partition} holds no input files (*.jsonl, *.jsonl.gz, *.csv, *.csv.gz); "
-                "set allow_empty=True if an empty day is expected"
-            )
-        manifest = {
-            "partition": storage.partition,
-            "files": [{"name": f.name, "size": f.size} for f in inputs],
-            "ignored_files": ignored,
-        }
-        storage.write_json(storage.layout.manifest, manifest)
-        total = sum(f.size for f in inputs)
-        self.log.info("Partition %s: %d input files, %d bytes", storage.partition, len(inputs), total)
-        return {"partition": storage.partition, "files": len(inputs), "bytes": total, "ignored_files": len(ignored)}
+        with step_failures():
+            return extract_partition(storage, allow_empty=self.allow_empty).brief()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -96,28 +95,6 @@ def try_claim(lease: PartitionLease, partition: str, context: Any) -> LeaseState
     return state
 
 
-def claim_with_wait(
-    lease: PartitionLease, partition: str, context: Any, *, wait_seconds: float, poll_seconds: float, log: Any
-) -> LeaseState:
-    """Claim the partition, waiting up to ``wait_seconds`` while another run holds it.
-
-    :raises AirflowFailException: when the wait ends with the partition still held.
-    """
-    deadline = time.monotonic() + wait_seconds
-    while True:
-        try:
-            return try_claim(lease, partition, context)
-        except PartitionHeld as held:
-            if time.monotonic() + poll_seconds > deadline:
-                raise AirflowFailException(
-                    f"{held}; gave up after waiting {wait_seconds / 60:g} minutes. Nothing was read or sent by "
-                    "this run. Once that run has finished (or its claim has lapsed), clear this task to deliver "
-                    "what is left."
-                ) from None
-            log.info("Waiting: %s", held)
-            time.sleep(poll_seconds)
-
-
 @contextlib.contextmanager
 def holding_partition(state_hook: Any, partition: str, context: Any) -> Iterator[LeaseKeeper]:
     """Confirm this run's claim and keep it alive (heartbeats) for the duration of the block.
@@ -133,3 +110,22 @@ def holding_partition(state_hook: Any, partition: str, context: Any) -> Iterator
         ) from None
     with LeaseKeeper(lease, partition, run_owner(context), holder_of(context)) as keeper:
         yield keeper
+
+
+class RunClaim:
+    """This run's claim on its partition, for a pipeline step (:class:`liveramp_capi.pipeline.ports.Ownership`)."""
+
+    def __init__(self, lease: PartitionLease, partition: str, context: Any) -> None:
+        self.lease, self.partition, self.context = lease, partition, context
+
+    def claim(self) -> LeaseState:
+        return try_claim(self.lease, self.partition, self.context)
+
+    def release(self) -> None:
+        self.lease.release(self.partition, run_owner(self.context))
+
+    def check_one_granularity(self) -> None:
+        from liveramp_capi.state.granularity import check_one_granularity
+
+        lease = self.lease
+        check_one_granularity(lease.engine, self.partition, lease.read, run_owner(self.context), lease.clock())

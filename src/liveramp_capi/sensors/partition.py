@@ -9,6 +9,7 @@ from typing import Any
 from airflow.sdk import BaseSensorOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout
 
+from liveramp_capi.storage.layout import partition_folder
 from liveramp_capi.triggers.partition import (
     DEFAULT_MARKER,
     PartitionMarkerTrigger,
@@ -87,7 +88,7 @@ class PartitionReadySensor(BaseSensorOperator):
     def _timeout_message(self) -> str:
         minutes = self._wait_seconds() / 60
         return (
-            f"partition {self.partition} is not complete: no {self.marker} marker in dt={self.partition}/ "
+            f"partition {self.partition} is not complete: no {self.marker} marker in {partition_folder(str(self.partition))}/ "
             f"under the landing root after waiting {minutes:g} minutes. The upstream export writes it last; "
             "check that export, then clear this task to wait again."
         )

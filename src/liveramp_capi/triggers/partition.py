@@ -21,12 +21,13 @@ def marker_url(landing_root: str, partition: str, marker: str = DEFAULT_MARKER) 
     :param marker: the marker's file name, a plain name.
     :raises ValueError: on a bad root, partition or marker name.
     """
-    from liveramp_capi.domain.partition import PartitionLayout, check_root, parse_partition
+    from liveramp_capi.domain.partition import check_root, parse_partition
+    from liveramp_capi.storage.layout import partition_folder
 
     if not marker or "/" in marker or marker in {".", ".."}:
         raise ValueError("the marker is a plain file name inside the partition folder")
     root = check_root(landing_root, name="capi_landing_root").rstrip("/")
-    return f"{root}/{PartitionLayout(parse_partition(partition)).folder}/{marker}"
+    return f"{root}/{partition_folder(parse_partition(partition))}/{marker}"
 
 
 def marker_exists(url: str) -> bool:

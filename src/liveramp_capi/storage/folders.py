@@ -11,19 +11,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any, BinaryIO, cast
 
 from airflow.sdk import ObjectStoragePath
 
-from liveramp_capi.domain.partition import (
-    WORK_ROOT,
-    InvalidRoot,
-    PartitionLayout,
-    check_root,
-    input_kind,
-    parse_partition,
-    run_key,
-)
+from liveramp_capi.domain.partition import InvalidRoot, check_root, input_kind, parse_partition
+from liveramp_capi.storage.layout import WORK_ROOT, PartitionLayout, RefreshLayout, run_key
 
 #: Bytes an object-storage file buffers at once, reading ahead or writing one multipart part
 #: (S3's smallest part is 5 MiB). s3fs defaults to 50 MiB, and validate holds one input and
@@ -83,6 +76,11 @@ def check_root_reachable(url: str, *, variable: str, local_must_exist: bool = Tr
         ) from None
 
 
+def _open(path: Any, mode: str, **options: Any) -> BinaryIO:
+    """``path.open`` typed: ObjectStoragePath's own is not."""
+    return cast(BinaryIO, path.open(mode, **options))
+
+
 @dataclass(frozen=True, slots=True)
 class InputFile:
     """One file of a partition, as listed by the extract step."""
@@ -91,20 +89,109 @@ class InputFile:
     size: int
 
 
-class PartitionStorage:
-    """The input folder and output folder of one partition.
+class OutputFolder:
+    """One folder under the output root: what a run writes, reads back and replaces.
 
-    :param landing_root: URL of the landing root (``<landing_root>/dt=<partition>/`` holds the input).
+    :param output_root: URL of the output root (checked; names the Variable ``capi_output_root``).
+    :param folder: the folder under it, from :mod:`liveramp_capi.storage.layout`.
+    """
+
+    def __init__(self, output_root: str, folder: str) -> None:
+        self.output_dir = ObjectStoragePath(check_root(output_root, name="capi_output_root")) / folder
+
+    def output(self, relative: str) -> ObjectStoragePath:
+        """Path of one output file, its parent folder created."""
+        path = self.output_dir / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def open_output(self, relative: str) -> BinaryIO:
+        """Open an output file for binary writing (replacing it)."""
+        return _open(self.output(relative), "wb", block_size=OBJECT_BLOCK_BYTES)
+
+    def open_read(self, relative: str) -> BinaryIO:
+        """Open an output file for binary reading."""
+        return _open(self.output_dir / relative, "rb")
+
+    def write_json(self, relative: str, value: Any) -> None:
+        with self.open_output(relative) as stream:
+            stream.write(json.dumps(value, indent=2, sort_keys=True).encode() + b"\n")
+
+    def read_json(self, relative: str) -> Any:
+        with self.open_read(relative) as stream:
+            return json.loads(stream.read())
+
+    def read_json_if_exists(self, relative: str) -> Any:
+        """The JSON file's value, or None when it does not exist."""
+        return self.read_json(relative) if self.exists(relative) else None
+
+    def exists(self, relative: str) -> bool:
+        return bool((self.output_dir / relative).exists())
+
+    def remove(self, *relatives: str) -> None:
+        """Delete these output files where they exist."""
+        for relative in relatives:
+            path = self.output_dir / relative
+            if path.exists():
+                path.unlink()
+
+    def iter_output_files(self, relative_dir: str) -> Iterator[ObjectStoragePath]:
+        """Files directly under an output folder, sorted by name; nothing when it does not exist."""
+        folder = self.output_dir / relative_dir
+        if not folder.exists():
+            return iter(())
+        return iter(sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.name))
+
+    def concatenate(self, relative_dir: str, target: str) -> None:
+        """Write the files under ``relative_dir``, in name order, into one output file."""
+        with self.open_output(target) as out:
+            for path in self.iter_output_files(relative_dir):
+                out.write(path.read_bytes())
+
+    def clear(self, relative_dir: str) -> None:
+        """Remove an output folder's files, so a rerun never mixes with an earlier run's leftovers."""
+        for path in self.iter_output_files(relative_dir):
+            path.unlink()
+
+
+class RefreshFolder(OutputFolder):
+    """``<output_root>/envelope_refresh/<run_date>/``: what one envelope refresh run writes.
+
+    :param output_root: URL of the output root.
+    :param run_date: the run's date, ``YYYY-MM-DD``; checked here.
+    """
+
+    def __init__(self, output_root: str, run_date: str) -> None:
+        self.layout = RefreshLayout(parse_partition(run_date))
+        self.run_date = self.layout.run_date
+        super().__init__(output_root, self.layout.folder)
+
+
+class PartitionStorage(OutputFolder):
+    """The output folder of one partition, and its input folder when the step reads the input.
+
+    :param landing_root: URL of the landing root (``<landing_root>/dt=<partition>/`` holds the
+        input); None for the steps that read only what earlier steps wrote.
     :param output_root: URL of the output root (``<output_root>/dt=<partition>/`` receives results).
     :param partition: the partition name, ``YYYY-MM-DD`` or ``YYYY-MM-DDTHH``; checked again here.
     :param run_id: the Airflow run whose work folder (``_work/<run>/``) this storage writes.
     """
 
-    def __init__(self, landing_root: str, output_root: str, partition: str, run_id: str | None = None) -> None:
+    def __init__(self, landing_root: str | None, output_root: str, partition: str, run_id: str | None = None) -> None:
         self.partition = parse_partition(partition)
         self.layout = PartitionLayout(self.partition, run_key(run_id) if run_id else "")
-        self.input_dir = ObjectStoragePath(check_root(landing_root, name="capi_landing_root")) / self.layout.folder
-        self.output_dir = ObjectStoragePath(check_root(output_root, name="capi_output_root")) / self.layout.folder
+        super().__init__(output_root, self.layout.folder)
+        self._input_dir = (
+            None
+            if landing_root is None
+            else ObjectStoragePath(check_root(landing_root, name="capi_landing_root")) / self.layout.folder
+        )
+
+    @property
+    def input_dir(self) -> ObjectStoragePath:
+        if self._input_dir is None:
+            raise ValueError("this step was given no landing root: it reads only the partition's output")
+        return self._input_dir
 
     # -- input -----------------------------------------------------------------------------
     def list_inputs(self) -> tuple[list[InputFile], list[str]]:
@@ -127,41 +214,13 @@ class PartitionStorage:
         ignored.sort()
         return inputs, ignored
 
-    def open_input(self, name: str) -> IO[bytes]:
+    def open_input(self, name: str) -> BinaryIO:
         """Open one input file of the partition for binary streaming."""
         if "/" in name or name in {"", ".", ".."}:
             raise ValueError("input file names are plain names inside the partition folder")
-        return (self.input_dir / name).open("rb", block_size=OBJECT_BLOCK_BYTES)
+        return _open(self.input_dir / name, "rb", block_size=OBJECT_BLOCK_BYTES)
 
     # -- output ----------------------------------------------------------------------------
-    def output(self, relative: str) -> ObjectStoragePath:
-        """Path of one output file, its parent folder created."""
-        path = self.output_dir / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def open_output(self, relative: str) -> IO[bytes]:
-        """Open an output file for binary writing (replacing it)."""
-        return self.output(relative).open("wb", block_size=OBJECT_BLOCK_BYTES)
-
-    def write_json(self, relative: str, value: Any) -> None:
-        with self.open_output(relative) as stream:
-            stream.write(json.dumps(value, indent=2, sort_keys=True).encode() + b"\n")
-
-    def read_json(self, relative: str) -> Any:
-        with (self.output_dir / relative).open("rb") as stream:
-            return json.loads(stream.read())
-
-    def exists(self, relative: str) -> bool:
-        return (self.output_dir / relative).exists()
-
-    def iter_output_files(self, relative_dir: str) -> Iterator[ObjectStoragePath]:
-        """Files directly under an output folder, sorted by name; nothing when it does not exist."""
-        folder = self.output_dir / relative_dir
-        if not folder.exists():
-            return iter(())
-        return iter(sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.name))
-
     def publish(self, deliverable: str, *, dry_run: bool = False) -> None:
         """Move this run's draft of a deliverable into place, replacing the one there.
 
@@ -202,8 +261,3 @@ class PartitionStorage:
                         entry.unlink()
             removed.append(child.name)
         return sorted(removed)
-
-    def clear(self, relative_dir: str) -> None:
-        """Remove an output folder's files, so a rerun never mixes with an earlier run's leftovers."""
-        for path in self.iter_output_files(relative_dir):
-            path.unlink()
