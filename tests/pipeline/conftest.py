@@ -6,13 +6,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.pipeline.pipeline_support import PARTITION
 from sqlalchemy.engine import Engine
 
-from liveramp_capi.state.envelope_store import EnvelopeStore
 from liveramp_capi.state.database import make_engine
+from liveramp_capi.state.envelope_store import EnvelopeStore
 from liveramp_capi.state.lease import PartitionLease
 from liveramp_capi.storage import PartitionStorage
+from tests.pipeline.pipeline_support import PARTITION
 
 
 @pytest.fixture

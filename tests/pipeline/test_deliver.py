@@ -6,17 +6,24 @@ import json
 import random
 
 import pytest
-from tests.pipeline.pipeline_support import ENVELOPE, PARTITION, REFERENCE_TIME, LeaseOwnership, stage, web_event
 
 from liveramp_capi.delivery.sender import BatchSender
 from liveramp_capi.delivery.settings import CapiSettings
-from liveramp_capi.state.held_store import HeldConversions
-from liveramp_capi.state.ledger import DeliveryLedger
 from liveramp_capi.pipeline.config import ValidateConfig
 from liveramp_capi.pipeline.deliver import ConfigurationRefused, ShardConfig, deliver_shard, plan_shard
 from liveramp_capi.pipeline.extract import extract_partition
 from liveramp_capi.pipeline.report import report_partition
 from liveramp_capi.pipeline.validate import validate_partition
+from liveramp_capi.state.held_store import HeldConversions
+from liveramp_capi.state.ledger import DeliveryLedger
+from tests.pipeline.pipeline_support import (
+    ENVELOPE,
+    PARTITION,
+    REFERENCE_TIME,
+    LeaseOwnership,
+    stage,
+    web_event,
+)
 
 FAST = CapiSettings(concurrency=8, timeout_seconds=3, max_attempts=3, backoff_base_seconds=0.01,
                     backoff_max_seconds=0.05, verify_tls=True)

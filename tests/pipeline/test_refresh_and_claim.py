@@ -7,17 +7,17 @@ import random
 import time
 
 import pytest
-from tests.pipeline.pipeline_support import PARTITION, LeaseOwnership
 
 from liveramp_capi.delivery.refresh import EnvelopeRefresher
 from liveramp_capi.delivery.settings import CapiSettings
-from liveramp_capi.domain.consent import Consent, DAY_SECONDS
+from liveramp_capi.domain.consent import DAY_SECONDS, Consent
 from liveramp_capi.domain.envelopes import EnvelopeRecord
 from liveramp_capi.pipeline.claim import claim_partition
 from liveramp_capi.pipeline.config import ClaimConfig, RefreshPlanConfig, RefreshReportConfig, SettingError
 from liveramp_capi.pipeline.errors import PermanentStepFailure
 from liveramp_capi.pipeline.refresh import plan_refresh, refresh_envelopes, report_refresh
 from liveramp_capi.storage import RefreshFolder
+from tests.pipeline.pipeline_support import PARTITION, LeaseOwnership
 
 TCF = Consent(ct=4, cv="CPXxRfAPXxRfAAfKABENB-CgAAAAAAAAAAYgAAAAAAAA")
 FAST = CapiSettings(concurrency=8, timeout_seconds=3, max_attempts=3, backoff_base_seconds=0.01,

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import orjson
 import pytest
-from tests.pipeline.pipeline_support import PARTITION, REFERENCE_TIME, LeaseOwnership, stage, web_event
 
 from liveramp_capi.pipeline.config import SettingError, ValidateConfig
 from liveramp_capi.pipeline.errors import PermanentStepFailure
@@ -15,6 +14,7 @@ from liveramp_capi.pipeline.extract import extract_partition
 from liveramp_capi.pipeline.report import report_partition
 from liveramp_capi.pipeline.validate import RejectedShareExceeded, validate_partition
 from liveramp_capi.storage import PartitionStorage
+from tests.pipeline.pipeline_support import PARTITION, REFERENCE_TIME, LeaseOwnership, stage, web_event
 
 
 def config(**settings: object) -> ValidateConfig:

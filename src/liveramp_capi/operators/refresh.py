@@ -9,9 +9,9 @@ from typing import Any
 from airflow.sdk import BaseOperator
 
 from liveramp_capi import metrics
-from liveramp_capi.state.envelope_store import EnvelopeStore
 from liveramp_capi.operators.config_errors import permanent_config_errors, step_failures
 from liveramp_capi.pipeline.config import RefreshPlanConfig, RefreshReportConfig
+from liveramp_capi.state.envelope_store import EnvelopeStore
 from liveramp_capi.storage import RefreshFolder
 
 
