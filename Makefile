@@ -25,7 +25,7 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q
 
-test: lint unit
+test: lint typecheck unit
 
 # Debian's headless Chromium and its chromedriver for the console's browser test
 # (tests/console/test_console_browser.py; skipped without them). Never downloads a browser
