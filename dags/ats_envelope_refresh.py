@@ -28,7 +28,7 @@ import datetime as dt
 
 from airflow.sdk import DAG
 
-from liveramp_capi.dags_factory import OUTPUT_ROOT
+from liveramp_capi.dags_factory import OUTPUT_ROOT, retrying_tasks
 from liveramp_capi.notifiers import default_failure_notifier
 from liveramp_capi.operators.recover import RecoverHeldConversionsOperator
 from liveramp_capi.operators.refresh import (
@@ -52,13 +52,7 @@ with DAG(
     max_active_runs=1,
     tags=["liveramp", "ats", "envelopes"],
     on_failure_callback=default_failure_notifier("envelope refresh failed"),
-    default_args={
-        "owner": "data-engineering",
-        "retries": 2,
-        "retry_delay": dt.timedelta(minutes=5),
-        "retry_exponential_backoff": 2.0,
-        "max_retry_delay": dt.timedelta(minutes=30),
-    },
+    default_args=retrying_tasks(first_delay_minutes=5, max_delay_minutes=30),
 ) as dag:
     plan = PlanEnvelopeRefreshOperator(
         task_id="plan",

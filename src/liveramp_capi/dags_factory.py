@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import Any
 
 from airflow.sdk import DAG, CronPartitionTimetable, Param
 
@@ -78,6 +79,21 @@ OUTPUT_ROOT = templated("output_root")
 DRY_RUN = "{{ params.dry_run }}"
 
 
+def retrying_tasks(first_delay_minutes: int, max_delay_minutes: int) -> dict[str, Any]:
+    """The DAGs' ``default_args``: two retries, the delay doubling from the first up to the cap.
+
+    :param first_delay_minutes: the delay before the first retry.
+    :param max_delay_minutes: the longest delay.
+    """
+    return {
+        "owner": "data-engineering",
+        "retries": 2,
+        "retry_delay": dt.timedelta(minutes=first_delay_minutes),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": dt.timedelta(minutes=max_delay_minutes),
+    }
+
+
 def build_conversions_dag(dag_id: str, granularity: str, doc_md: str) -> DAG:
     """The conversions DAG for one partition granularity.
 
@@ -119,13 +135,7 @@ def build_conversions_dag(dag_id: str, granularity: str, doc_md: str) -> DAG:
                 "dry_run/ in the partition's output, send nothing and change no state.",
             ),
         },
-        default_args={
-            "owner": "data-engineering",
-            "retries": 2,
-            "retry_delay": dt.timedelta(minutes=2),
-            "retry_exponential_backoff": 2.0,
-            "max_retry_delay": dt.timedelta(minutes=20),
-        },
+        default_args=retrying_tasks(first_delay_minutes=2, max_delay_minutes=20),
     ) as dag:
         wait_for_partition = PartitionReadySensor(
             task_id="wait_for_partition",

@@ -18,6 +18,7 @@ from liveramp_capi.domain.partition import (
     parse_partition,
     partition_granularity,
 )
+from liveramp_capi.domain.summary import RunResults
 from liveramp_capi.storage.layout import PartitionLayout
 
 
@@ -74,12 +75,14 @@ def test_dry_run_summary_adds_up_per_shard_and_says_it_is_a_dry_run():
         {"shard": 2, "events": 4, "planned_batches": 1, "planned_events": 3, "envelope_expired_events": 1},
         {"shard": 0, "events": 6, "planned_batches": 2, "planned_events": 4, "previously_delivered_events": 2},
     ]
-    summary = build_dry_run_summary("2026-11-20T13", validation, results, run_id="r")
+    summary = build_dry_run_summary(RunResults("2026-11-20T13", validation, results, run_id="r"))
     assert summary["dry_run"] is True and summary["status"] == "planned"
     assert summary["planned_events"] == 7 and summary["planned_batches"] == 3
     assert summary["by_shard"] == {"0": {"batches": 2, "events": 4}, "2": {"batches": 1, "events": 3}}
     assert all(summary["checks"].values())
-    short = build_dry_run_summary("2026-11-20T13", validation, results[:1], unfinished_tasks={"send[1]": "failed"})
+    short = build_dry_run_summary(
+        RunResults("2026-11-20T13", validation, results[:1], unfinished_tasks={"send[1]": "failed"})
+    )
     assert short["status"] == "incomplete" and short["shards"]["missing"] == [0]
     assert not short["checks"]["valid_equals_planned_delivered_expired"]
-    assert build_dry_run_summary("2026-11-20", None, [])["status"] == "not_processed"
+    assert build_dry_run_summary(RunResults("2026-11-20", None, []))["status"] == "not_processed"

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from liveramp_capi.domain.envelopes import EnvelopeRecord, StoredEnvelope
+from liveramp_capi.domain.summary import RunResults
 
 __all__ = ["build_dry_run_summary", "newest_envelopes", "overlay_envelopes", "plan_line"]
 
@@ -95,28 +96,16 @@ def plan_line(shard: int, batch_id: str, event_count: int) -> bytes:
     return orjson.dumps({"shard": shard, "batch_id": batch_id, "events": event_count})
 
 
-def build_dry_run_summary(
-    partition: str,
-    validation: Mapping[str, Any] | None,
-    shard_results: Iterable[Mapping[str, Any]],
-    *,
-    run_id: str | None = None,
-    unfinished_tasks: Mapping[str, str] | None = None,
-) -> dict[str, Any]:
+def build_dry_run_summary(results: RunResults) -> dict[str, Any]:
     """What a dry run found: the partition's counts and the plan's batches and events, per shard.
 
     ``status`` is ``planned`` when every step ran, ``incomplete`` when a step did not,
     ``rejected_ratio_exceeded`` when a real run would stop at validation, ``not_processed`` when
     nothing was read.
-
-    :param partition: the partition name.
-    :param validation: the dry run's validate tally (``None`` when validation never finished).
-    :param shard_results: one plan result per send shard that reported.
-    :param run_id: the Airflow run.
-    :param unfinished_tasks: tasks of this run that did not succeed, ``{task: state}``.
     """
-    unfinished = dict(sorted((unfinished_tasks or {}).items()))
-    summary: dict[str, Any] = {"partition": partition, "run_id": run_id, "dry_run": True, "unfinished_tasks": unfinished}
+    partition, validation, shard_results = results.partition, results.validation, results.shard_results
+    unfinished = dict(sorted(results.unfinished_tasks.items()))
+    summary: dict[str, Any] = {"partition": partition, "run_id": results.run_id, "dry_run": True, "unfinished_tasks": unfinished}
     if validation is None:
         summary.update({"status": "not_processed", "read": None, "planned_events": 0})
         return summary

@@ -7,7 +7,8 @@ out, so the same arithmetic serves the report task, the tests and the benchmark.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 #: Per-shard counters the send step reports and the summary adds up.
@@ -31,27 +32,35 @@ SHARD_COUNTERS: tuple[str, ...] = (
 )
 
 
-def build_summary(
-    partition: str,
-    validation: Mapping[str, Any] | None,
-    shard_results: Iterable[Mapping[str, Any]],
-    *,
-    run_id: str | None = None,
-    unfinished_tasks: Mapping[str, str] | None = None,
-) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class RunResults:
+    """What one run left of a partition in its work folder: the inputs of its summary.
+
+    :param partition: the partition name.
+    :param validation: this run's validate tally (``None`` when validation never finished).
+    :param shard_results: one result per send shard that reported in this run.
+    :param run_id: the Airflow run that produced the summary.
+    :param unfinished_tasks: tasks of this run that did not succeed, ``{task: state}``; any makes
+        the status at best ``incomplete``.
+    """
+
+    partition: str
+    validation: Mapping[str, Any] | None
+    shard_results: Sequence[Mapping[str, Any]]
+    run_id: str | None = None
+    unfinished_tasks: Mapping[str, str] = field(default_factory=dict)
+
+
+def build_summary(results: RunResults) -> dict[str, Any]:
     """Add up what one run did for a partition and check that the counts balance.
 
     Everything counted comes from this run's own work folder: an earlier run's deliveries appear
     only as ``previously_delivered_events`` (read from the ledger by the send step), never as
     this run's. Counts add up over all task tries of the run.
-
-    :param partition: the partition name.
-    :param validation: this run's validate tally (``None`` when validation never finished).
-    :param shard_results: one result per send shard that reported in this run.
-    :param run_id: the Airflow run that produced this summary.
-    :param unfinished_tasks: tasks of this run that did not succeed, ``{task: state}``; any makes
-        the status at best ``incomplete``.
     """
+    partition, validation, run_id = results.partition, results.validation, results.run_id
+    unfinished_tasks = results.unfinished_tasks
+    shard_results = results.shard_results
     totals: Counter[str] = Counter()
     reported: list[int] = []
     by_try: dict[int, Counter[str]] = {}

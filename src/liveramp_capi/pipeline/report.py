@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from liveramp_capi.domain.dry_run import build_dry_run_summary
-from liveramp_capi.domain.summary import build_summary
+from liveramp_capi.domain.summary import RunResults, build_summary
 from liveramp_capi.pipeline.errors import PermanentStepFailure
 from liveramp_capi.pipeline.ports import Ownership
 from liveramp_capi.state.lease import PartitionHeld
@@ -56,11 +56,7 @@ def report_partition(
     layout = storage.layout
     results = [json.loads(path.read_bytes()) for path in storage.iter_output_files(layout.results_dir)]
     summary = (build_dry_run_summary if dry_run else build_summary)(
-        storage.partition,
-        storage.read_json_if_exists(layout.validation),
-        results,
-        run_id=run_id,
-        unfinished_tasks=dict(unfinished_tasks),
+        RunResults(storage.partition, storage.read_json_if_exists(layout.validation), results, run_id, dict(unfinished_tasks))
     )
     # Conversions of earlier partitions won back (or lost) by this run's recover_held task.
     if storage.exists(layout.held_recovery):
