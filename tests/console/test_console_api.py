@@ -297,9 +297,9 @@ def failed_hour(airflow_db, tmp_path_factory):
     import os
 
     from airflow.dag_processing.dagbag import DagBag
-    from console_demo import STANDIN_ARGS, stage_refused_partition
 
     from capi_devtools import REPO
+    from capi_devtools.console_demo import STANDIN_ARGS, stage_refused_partition
     from capi_devtools.standin_fixture import running_standin
     from tests.support.conversions_run import configure_pipeline
 
