@@ -64,7 +64,7 @@ class RetryPolicy:
     max_attempts: int = 0
     retry_budget_seconds: float = 600.0
     backoff_base_seconds: float = 0.5
-    backoff_max_seconds: float = 5.0
+    backoff_max_seconds: float = 2.0
     retry_after_max_seconds: float = 120.0
     rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
 

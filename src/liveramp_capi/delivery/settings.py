@@ -144,7 +144,7 @@ class CapiSettings:
     retry_budget_seconds: float = 600.0
     max_attempts: int = 0
     backoff_base_seconds: float = 0.5
-    backoff_max_seconds: float = 5.0
+    backoff_max_seconds: float = 2.0
     retry_after_max_seconds: float = 120.0
     max_requests_per_second: float = 0
     max_batch_events: int = DEFAULT_MAX_BATCH_EVENTS
