@@ -1,6 +1,6 @@
 """`make bench`: how fast and how lean the pipeline is, against baselines measured in the same run.
 
-Generates a deterministic partition (``include/bench_data.py``, seeded), starts the local
+Generates a deterministic partition (``capi_devtools/bench_data.py``, seeded), starts the local
 stand-in of LiveRamp's endpoints (NOT LiveRamp) with 50 ms latency, then measures:
 
 1. validation: the pipeline's ``EventSchemaValidator`` (compiled first pass, ``jsonschema`` for
@@ -22,13 +22,13 @@ stand-in of LiveRamp's endpoints (NOT LiveRamp) with 50 ms latency, then measure
    the stand-in's record file, delivered exactly once;
 6. memory: the peak RSS while each task ran, at ``--events`` and at a tenth of it; and
    validate's peak RSS with landing and output on ``s3://`` (a moto server on loopback) at
-   300,000 and 30,000 records against the same on ``file://`` (``include/bench_object_storage.py``).
+   300,000 and 30,000 records against the same on ``file://`` (``capi_devtools/bench_object_storage.py``).
 
 It prints ONE table (figure, value, baseline, ratio, target, met). The machine may be shared:
 ratios against baselines measured in the same run are what to compare. ``--json PATH`` also
 writes the rows (the test suite runs ``--quick`` at a small size and checks the table's shape).
 
-Usage: ``python include/bench.py [--events 1000000] [--quick] [--workdir .bench] [--json out.json]
+Usage: ``python -m capi_devtools.bench [--events 1000000] [--quick] [--workdir .bench] [--json out.json]
 [--throttle-only] [--throttle-rates 400,2000] [--throttle-batches N] [--faults-only] [--faults-events N]``
 """
 

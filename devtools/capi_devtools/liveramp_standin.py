@@ -21,7 +21,7 @@ before any latency. It is how an API gateway usually throttles, and what LiveRam
 publishes no limit. Control endpoints under
 ``/_standin/`` expose what was received and counters.
 
-Run: ``python include/liveramp_standin.py --port 8099 [--host 127.0.0.1] [--config-id cfg-1]
+Run: ``python -m capi_devtools.liveramp_standin --port 8099 [--host 127.0.0.1] [--config-id cfg-1]
 [--latency-ms 50] [--record-file path]``; ``--port 0`` picks a free port. When ready it prints
 ``liveramp-standin listening on http://HOST:PORT``. Only stdlib, aiohttp and orjson are used.
 """
