@@ -8,6 +8,8 @@ single byte of an id, a body or an event list fails here.
 from __future__ import annotations
 
 import hashlib
+import io
+import random
 
 import orjson
 
@@ -15,7 +17,7 @@ from liveramp_capi.domain.batches import cut_batches
 from liveramp_capi.domain.envelopes import ACTIVE, StoredEnvelope
 from liveramp_capi.domain.held import HELD, LOST, HeldIndex, event_key
 from liveramp_capi.domain.send_plan import plan_session
-from liveramp_capi.domain.sessions import Session, ShardEntry, key_hash
+from liveramp_capi.domain.sessions import Session, ShardEntry, ShardWriter, key_hash, read_shard, sessionise
 
 PARTITION = "2026-11-20"
 NOW = 1_800_000_000
@@ -110,3 +112,27 @@ def test_planned_batches_holds_and_counts_are_unchanged() -> None:
     lines = _plan_lines()
     assert len(lines) == 629
     assert _digest(lines) == "6cad15817d138b155c7cf8c43947e1c89436bd8656eaa16cc489e599e522116c"
+
+
+def _spilled_lines() -> list[bytes]:
+    """The golden sessions spilled in a shuffled order, read back and sessionised (gap 300 s)."""
+    entries = [entry for session in _sessions() for entry in session.entries]
+    random.Random(5).shuffle(entries)
+    stream = io.BytesIO()
+    stream.close = lambda: None  # type: ignore[method-assign]  # read back below
+    with ShardWriter(1, lambda _: stream) as writer:
+        for entry in entries:
+            writer.write(entry.key, entry.event_time, entry.event_id, entry.user_key,
+                         orjson.loads(entry.event_json), entry.envelope_issued_at, entry.envelope_expires_at)
+    stream.seek(0)
+    lines = []
+    for session in sessionise(read_shard(stream), gap_seconds=300):
+        for batch in cut_batches(session, partition=PARTITION, max_events=4):
+            lines.append(orjson.dumps([batch.batch_id, [e.ordinal for e in session.entries]]) + batch.body)
+    return lines
+
+
+def test_spilled_read_and_sessionised_batches_are_unchanged() -> None:
+    lines = _spilled_lines()
+    assert len(lines) == 85
+    assert _digest(lines) == "1a2b83c69c149c22b15b9490d41d709ed522f2a4bb54abc855ea98559f784dac"
