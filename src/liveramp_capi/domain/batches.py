@@ -7,8 +7,8 @@ sessions and holds at most ``max_events`` (default 50, the old TikTok Events 1.0
 
 from __future__ import annotations
 
-from hashlib import blake2b
 from dataclasses import dataclass
+from hashlib import blake2b
 
 from liveramp_capi.domain.sessions import Session
 

@@ -16,9 +16,9 @@ inside a line; the event JSON is kept as bytes and is never parsed again on the 
 from __future__ import annotations
 
 import hashlib
-from operator import itemgetter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 from types import TracebackType
 from typing import Any, BinaryIO, NamedTuple
 
