@@ -328,6 +328,24 @@ def measure_delivery(standin_url: str, lines: list[bytes], requests: int, sequen
     ]
 
 
+def sender_rate_recording(lines: list[bytes], requests: int, latency_ms: float, concurrency: int, workdir: Path) -> float:
+    """``BatchSender``'s requests/s against a stand-in that writes every request to its record
+    file, as the end-to-end run's stand-in does (the delivery rows' stand-in writes nothing):
+    on two shared cores the stand-in's own work lengthens its answers, and with a fixed number
+    in flight that lowers any client's rate.
+    """
+    from capi_devtools.standin_fixture import running_standin
+
+    record_file = workdir / "sender-record.jsonl"
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        with running_standin("--latency-ms", str(latency_ms), "--no-keep-in-memory", "--record-file",
+                             str(record_file), config_id=CONFIG_ID) as standin:
+            return _sender_rate(standin.url, _bodies(lines, requests), concurrency)[0]
+    finally:
+        record_file.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------------------- throttling
 
 
@@ -841,7 +859,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["BENCH_PROFILE_SEND"] = str(args.profile_send.resolve())
     rows: list[Row] = []
     details: dict[str, Any] = {}
-    sender_rate = sender_cpu_rate = 0.0
+    sender_rate = sender_cpu_rate = recording_rate = 0.0
     if not args.throttle_only and not args.faults_only:
         lines = _generated_lines(max(validation_records, requests * 5 // 3))
         if not args.send_only:
@@ -855,6 +873,10 @@ def main(argv: list[str] | None = None) -> int:
             delivery_rows = measure_delivery(standin.url, lines, requests, sequential, args.concurrency)
         rows += delivery_rows
         sender_rate, sender_cpu_rate = delivery_rows[0].value, delivery_rows[2].value
+        if args.send_only:
+            recording_rate = sender_rate_recording(lines, requests, args.latency_ms, args.concurrency, args.workdir)
+            rows.append(Row("  (info) delivery: BatchSender, stand-in writing its record file (as end to end)",
+                            recording_rate, "req/s"))
         del lines
 
     if args.faults_only:
@@ -870,6 +892,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"5/6 end to end, {events:,} records ...", flush=True)
         big = run_end_to_end(args.workdir, airflow_home, events, args.latency_ms, args.concurrency)
         rows += [send_stage_row(big, sender_rate), send_stage_cpu_row(big, sender_cpu_rate)]
+        recording = send_stage_row(big, recording_rate)
+        rows.append(Row("  (info) the same vs BatchSender, stand-in writing its record file", recording.value,
+                        "req/s", recording_rate, recording.ratio))
         print()
         print_table(rows)
         if args.json:
