@@ -522,6 +522,9 @@ def run_dag_child(partition: str, out: str, dag_id: str = "tiktok_conversions") 
     cpu_seconds: dict[str, float] = {}  # the process's CPU time (writer thread included) per task
     # The task's own thread (event loop, planning): the rest of cpu_seconds is other threads'.
     thread_cpu_seconds: dict[str, float] = {}
+    # Other threads still alive at the task's end, by name (the ledger writer has ended by then:
+    # its share is cpu_seconds minus the task's thread minus these).
+    other_threads_cpu: dict[str, dict[str, float]] = {}
     # Time in the cyclic garbage collector per task (a large heap makes every collection slow).
     gc_seconds: dict[str, float] = {}
     gc_started = [0.0]
@@ -548,6 +551,7 @@ def run_dag_child(partition: str, out: str, dag_id: str = "tiktok_conversions") 
 
                 profiler = cProfile.Profile()
                 profiler.enable()
+            threads_started = _threads_cpu()
             started, cpu_started, thread_started = time.perf_counter(), time.process_time(), time.thread_time()
             try:
                 return original(self, context)
@@ -555,6 +559,11 @@ def run_dag_child(partition: str, out: str, dag_id: str = "tiktok_conversions") 
                 seconds[label] = time.perf_counter() - started
                 cpu_seconds[label] = time.process_time() - cpu_started
                 thread_cpu_seconds[label] = time.thread_time() - thread_started
+                other_threads_cpu[label] = {
+                    name: round(cpu - threads_started.get(name, 0.0), 3)
+                    for name, cpu in _threads_cpu().items()
+                    if cpu - threads_started.get(name, 0.0) >= 0.01
+                }
                 if profiler is not None:
                     profiler.disable()
                     profiler.dump_stats(str(Path(profile_dir) / f"{label}.prof"))
@@ -593,6 +602,7 @@ def run_dag_child(partition: str, out: str, dag_id: str = "tiktok_conversions") 
         "task_seconds": seconds,
         "task_cpu_seconds": cpu_seconds,
         "task_thread_cpu_seconds": thread_cpu_seconds,
+        "task_other_threads_cpu_seconds": other_threads_cpu,
         "task_gc_seconds": gc_seconds,
         "task_peak_rss": peaks,
         "process_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -673,6 +683,7 @@ def run_end_to_end(
         "task_seconds": run["task_seconds"],
         "task_cpu_seconds": run["task_cpu_seconds"],
         "task_thread_cpu_seconds": run.get("task_thread_cpu_seconds", {}),
+        "task_other_threads_cpu_seconds": run.get("task_other_threads_cpu_seconds", {}),
         "task_gc_seconds": run["task_gc_seconds"],
         "task_peak_rss": run["task_peak_rss"],
         "process_max_rss": run["process_max_rss"],
@@ -682,6 +693,24 @@ def run_end_to_end(
         "standin_requests": stats.get("requests"),
         "checks": checks,
     }
+
+
+def _threads_cpu() -> dict[str, float]:
+    """CPU seconds of each live thread of this process but the calling one, by thread name (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    own = threading.get_native_id()
+    cpu: dict[str, float] = {}
+    for thread in threading.enumerate():
+        tid = thread.native_id
+        if tid is None or tid == own:
+            continue
+        try:
+            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        name = f"{thread.name}#{tid}"
+        cpu[name] = (int(fields[11]) + int(fields[12])) / ticks
+    return cpu
 
 
 def _task_kind(label: str) -> str:
