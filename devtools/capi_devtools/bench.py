@@ -328,6 +328,24 @@ def measure_delivery(standin_url: str, lines: list[bytes], requests: int, sequen
     ]
 
 
+def sender_rate_recording(lines: list[bytes], requests: int, latency_ms: float, concurrency: int, workdir: Path) -> float:
+    """``BatchSender``'s requests/s against a stand-in that writes every request to its record
+    file, as the end-to-end run's stand-in does (the delivery rows' stand-in writes nothing):
+    on two shared cores the stand-in's own work lengthens its answers, and with a fixed number
+    in flight that lowers any client's rate.
+    """
+    from capi_devtools.standin_fixture import running_standin
+
+    record_file = workdir / "sender-record.jsonl"
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        with running_standin("--latency-ms", str(latency_ms), "--no-keep-in-memory", "--record-file",
+                             str(record_file), config_id=CONFIG_ID) as standin:
+            return _sender_rate(standin.url, _bodies(lines, requests), concurrency)[0]
+    finally:
+        record_file.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------------------- throttling
 
 
@@ -502,6 +520,11 @@ def run_dag_child(partition: str, out: str, dag_id: str = "tiktok_conversions") 
     peaks: dict[str, int] = {}
     seconds: dict[str, float] = {}
     cpu_seconds: dict[str, float] = {}  # the process's CPU time (writer thread included) per task
+    # The task's own thread (event loop, planning): the rest of cpu_seconds is other threads'.
+    thread_cpu_seconds: dict[str, float] = {}
+    # Other threads still alive at the task's end, by name (the ledger writer has ended by then:
+    # its share is cpu_seconds minus the task's thread minus these).
+    other_threads_cpu: dict[str, dict[str, float]] = {}
     # Time in the cyclic garbage collector per task (a large heap makes every collection slow).
     gc_seconds: dict[str, float] = {}
     gc_started = [0.0]
@@ -528,12 +551,19 @@ def run_dag_child(partition: str, out: str, dag_id: str = "tiktok_conversions") 
 
                 profiler = cProfile.Profile()
                 profiler.enable()
-            started, cpu_started = time.perf_counter(), time.process_time()
+            threads_started = _threads_cpu()
+            started, cpu_started, thread_started = time.perf_counter(), time.process_time(), time.thread_time()
             try:
                 return original(self, context)
             finally:
                 seconds[label] = time.perf_counter() - started
                 cpu_seconds[label] = time.process_time() - cpu_started
+                thread_cpu_seconds[label] = time.thread_time() - thread_started
+                other_threads_cpu[label] = {
+                    name: round(cpu - threads_started.get(name, 0.0), 3)
+                    for name, cpu in _threads_cpu().items()
+                    if cpu - threads_started.get(name, 0.0) >= 0.01
+                }
                 if profiler is not None:
                     profiler.disable()
                     profiler.dump_stats(str(Path(profile_dir) / f"{label}.prof"))
@@ -571,6 +601,8 @@ def run_dag_child(partition: str, out: str, dag_id: str = "tiktok_conversions") 
         "seconds": elapsed,
         "task_seconds": seconds,
         "task_cpu_seconds": cpu_seconds,
+        "task_thread_cpu_seconds": thread_cpu_seconds,
+        "task_other_threads_cpu_seconds": other_threads_cpu,
         "task_gc_seconds": gc_seconds,
         "task_peak_rss": peaks,
         "process_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -650,6 +682,8 @@ def run_end_to_end(
         "dag_seconds": run["seconds"],
         "task_seconds": run["task_seconds"],
         "task_cpu_seconds": run["task_cpu_seconds"],
+        "task_thread_cpu_seconds": run.get("task_thread_cpu_seconds", {}),
+        "task_other_threads_cpu_seconds": run.get("task_other_threads_cpu_seconds", {}),
         "task_gc_seconds": run["task_gc_seconds"],
         "task_peak_rss": run["task_peak_rss"],
         "process_max_rss": run["process_max_rss"],
@@ -659,6 +693,24 @@ def run_end_to_end(
         "standin_requests": stats.get("requests"),
         "checks": checks,
     }
+
+
+def _threads_cpu() -> dict[str, float]:
+    """CPU seconds of each live thread of this process but the calling one, by thread name (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    own = threading.get_native_id()
+    cpu: dict[str, float] = {}
+    for thread in threading.enumerate():
+        tid = thread.native_id
+        if tid is None or tid == own:
+            continue
+        try:
+            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        name = f"{thread.name}#{tid}"
+        cpu[name] = (int(fields[11]) + int(fields[12])) / ticks
+    return cpu
 
 
 def _task_kind(label: str) -> str:
@@ -836,7 +888,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["BENCH_PROFILE_SEND"] = str(args.profile_send.resolve())
     rows: list[Row] = []
     details: dict[str, Any] = {}
-    sender_rate = sender_cpu_rate = 0.0
+    sender_rate = sender_cpu_rate = recording_rate = 0.0
     if not args.throttle_only and not args.faults_only:
         lines = _generated_lines(max(validation_records, requests * 5 // 3))
         if not args.send_only:
@@ -850,6 +902,10 @@ def main(argv: list[str] | None = None) -> int:
             delivery_rows = measure_delivery(standin.url, lines, requests, sequential, args.concurrency)
         rows += delivery_rows
         sender_rate, sender_cpu_rate = delivery_rows[0].value, delivery_rows[2].value
+        if args.send_only:
+            recording_rate = sender_rate_recording(lines, requests, args.latency_ms, args.concurrency, args.workdir)
+            rows.append(Row("  (info) delivery: BatchSender, stand-in writing its record file (as end to end)",
+                            recording_rate, "req/s"))
         del lines
 
     if args.faults_only:
@@ -865,6 +921,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"5/6 end to end, {events:,} records ...", flush=True)
         big = run_end_to_end(args.workdir, airflow_home, events, args.latency_ms, args.concurrency)
         rows += [send_stage_row(big, sender_rate), send_stage_cpu_row(big, sender_cpu_rate)]
+        recording = send_stage_row(big, recording_rate)
+        rows.append(Row("  (info) the same vs BatchSender, stand-in writing its record file", recording.value,
+                        "req/s", recording_rate, recording.ratio))
         print()
         print_table(rows)
         if args.json:

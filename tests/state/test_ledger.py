@@ -409,3 +409,26 @@ def test_hour_keys_fit_and_an_older_ten_character_partition_column_is_widened(fr
             column = next(c for c in sa.inspect(engine).get_columns(table) if c["name"] == "partition")
             assert column["type"].length == 32
     engine.dispose()
+
+
+def test_sqlite_timestamps_are_stored_as_the_driver_adapts_them(tmp_path: Path) -> None:
+    """The ledger adapts its timestamp once per call; the text must be what ``sqlite3`` stores per row."""
+    import datetime as dt
+    import sqlite3
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    ledger = DeliveryLedger(engine)
+    ledger.ensure_schema()
+    batch = make_batches(1)[0]
+    ledger.mark_in_flight(P, [batch], "run-1")
+    ledger.record_acknowledged(P, [(batch, 1)], "run-1")
+    with sqlite3.connect(tmp_path / "ledger.db") as raw:
+        stored = raw.execute(
+            "SELECT first_sent_at, updated_at, acknowledged_at, typeof(updated_at) FROM capi_delivery_ledger"
+        ).fetchone()
+    assert stored[3] == "text"
+    for text in stored[:3]:
+        moment = dt.datetime.fromisoformat(text)
+        assert moment.tzinfo is not None and moment.utcoffset() == dt.timedelta(0)
+        assert text == moment.isoformat(" ")  # sqlite3's own datetime adapter's format
+    assert rows(ledger)[batch.batch_id]["acknowledged_at"] is not None

@@ -113,6 +113,21 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _driver_adapted(engine: Engine, now: dt.datetime) -> Any:
+    """``now`` as the driver would store it, adapted once for the whole executemany.
+
+    SQLAlchemy has no bind processor for SQLite's DateTime here, so ``sqlite3`` would call its
+    registered datetime adapter for every timestamp of every row (three a row); calling that
+    same adapter once gives the same text. Other drivers get the datetime itself.
+    """
+    dbapi = engine.dialect.dbapi
+    if engine.dialect.name != "sqlite" or dbapi is None:
+        return now
+    adapters = getattr(dbapi, "adapters", None)
+    adapt = adapters.get((type(now), dbapi.PrepareProtocol)) if isinstance(adapters, dict) else None
+    return adapt(now) if adapt is not None else now
+
+
 def _unique_sorted(items: Iterable[_T], batch_of: Callable[[_T], Batch]) -> list[_T]:
     # One row per batch id (PostgreSQL refuses to upsert a row twice in one statement), in
     # batch_id order so concurrent writers take row locks in the same order.
@@ -236,7 +251,7 @@ class DeliveryLedger:
         # Plain tuples in _COLUMNS order; the timestamp goes through the column type once per
         # call (SQLite keeps it as text), not once per row as SQLAlchemy's executemany does.
         process = ledger_table.c.updated_at.type.bind_processor(self.engine.dialect)
-        stamp = process(now) if process is not None else now
+        stamp = process(now) if process is not None else _driver_adapted(self.engine, now)
         acknowledged_at = stamp if acknowledged else None
         dumps = orjson.dumps
         return [
