@@ -9,6 +9,7 @@ from typing import Any
 from airflow.sdk import BaseSensorOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout
 
+from liveramp_capi.pipeline.config import SETTINGS
 from liveramp_capi.storage.layout import partition_folder
 from liveramp_capi.triggers.partition import (
     DEFAULT_MARKER,
@@ -44,13 +45,13 @@ class PartitionReadySensor(BaseSensorOperator):
         *,
         partition: str,
         landing_root: str,
-        max_wait_minutes: float | str = 360,
+        max_wait_minutes: float | str = SETTINGS["partition_wait_minutes"].default,
         poll_seconds: float | str | None = None,
         marker: str = DEFAULT_MARKER,
         deferrable: bool = True,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("poke_interval", 60.0)
+        kwargs.setdefault("poke_interval", float(SETTINGS["partition_poll_seconds"].default))
         super().__init__(**kwargs)
         self.partition = partition
         self.landing_root = landing_root
