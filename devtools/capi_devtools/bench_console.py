@@ -115,8 +115,8 @@ def measure(workdir: Path, ledger_rows: int, envelopes: int, big_partition_rows:
 
     from liveramp_capi.console import reads
     from liveramp_capi.console.summaries import OutputRoot
+    from liveramp_capi.domain.consent import DEFAULT_REFRESH_REMAINING_SHARE
     from liveramp_capi.state.database import make_engine
-    from liveramp_capi.state.envelope_store import DEFAULT_REFRESH_REMAINING_SHARE
     from liveramp_capi.state.ledger import ledger_table
 
     url, output, partitions = build(workdir, ledger_rows, envelopes, big_partition_rows)

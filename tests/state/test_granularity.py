@@ -9,9 +9,9 @@ import pytest
 import sqlalchemy as sa
 
 from liveramp_capi.domain.batches import Batch
+from liveramp_capi.domain.partition import MIXED_GRANULARITY_VARIABLE
 from liveramp_capi.state.database import make_engine
 from liveramp_capi.state.granularity import (
-    ALLOW_VARIABLE,
     MixedGranularity,
     check_one_granularity,
     overlapping_partitions,
@@ -67,7 +67,7 @@ def test_an_hour_of_a_delivered_day_is_refused_with_the_way_out(engine, lease):
         _check(engine, lease, f"{DAY}T13")
     message = str(refused.value)
     assert f"partition {DAY}T13 not delivered" in message and f"{DAY}: 1 batches in the ledger" in message
-    assert ALLOW_VARIABLE in message and "Nothing was read or sent" in message
+    assert MIXED_GRANULARITY_VARIABLE in message and "Nothing was read or sent" in message
     # Other days and other hours' days are not concerned; the Variable lets it through.
     _check(engine, lease, "2026-11-21T13")
     _check(engine, lease, f"{DAY}T13", allowed=True)

@@ -30,9 +30,9 @@ from liveramp_capi.console.partitions import (
 )
 from liveramp_capi.console.plugin import URL_PREFIX
 from liveramp_capi.console.summaries import OutputRoot
+from liveramp_capi.domain.consent import DEFAULT_REFRESH_REMAINING_SHARE
 from liveramp_capi.domain.partition import InvalidPartition, parse_partition
 from liveramp_capi.pipeline.config import SETTINGS
-from liveramp_capi.state.envelope_store import DEFAULT_REFRESH_REMAINING_SHARE
 
 STATE_CONN_ID = "capi_state_default"
 _NO_RUN = f"no run of {' or '.join(runs.CONVERSIONS_DAG_IDS)} with this id"

@@ -182,3 +182,8 @@ def envelope_expiry(
     :param rule: the configured lifetime rule.
     """
     return int(issued_at) + lifetime_seconds(consent, rule)
+
+
+#: Refresh an envelope once at most this share of its own lifetime is left (a 15-day envelope
+#: from day 10, a 30-day one from day 20); the settings table and the store's default both read it.
+DEFAULT_REFRESH_REMAINING_SHARE = 1 / 3

@@ -58,6 +58,11 @@ def parse_partition(value: object) -> str:
     return text
 
 
+#: The Variable that lets a day and its hours both be delivered (their files hold different
+#: events); named here so the settings table and the refusal message share it.
+MIXED_GRANULARITY_VARIABLE = "capi_allow_mixed_granularity"
+
+
 def partition_granularity(name: str) -> str:
     """:data:`HOURLY` for an hour's name (``YYYY-MM-DDTHH``), else :data:`DAILY`."""
     return HOURLY if "T" in name else DAILY

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
 from liveramp_capi import metrics
 from liveramp_capi.operators.config_errors import permanent_config_errors, step_failures
 from liveramp_capi.pipeline.config import RefreshPlanConfig, RefreshReportConfig
-from liveramp_capi.state.envelope_store import EnvelopeStore
 from liveramp_capi.storage import RefreshFolder
+
+if TYPE_CHECKING:
+    # Only a type here: the store (SQLAlchemy tables) is imported when a task runs, not at DAG parse.
+    from liveramp_capi.state.envelope_store import EnvelopeStore
 
 
 @contextmanager

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, Self
 
-from liveramp_capi.state.envelope_store import DEFAULT_REFRESH_REMAINING_SHARE
-from liveramp_capi.state.granularity import ALLOW_VARIABLE
+from liveramp_capi.domain.consent import DEFAULT_REFRESH_REMAINING_SHARE
+from liveramp_capi.domain.partition import MIXED_GRANULARITY_VARIABLE
 
 _AIRFLOW_HOME = os.environ.get("AIRFLOW_HOME", os.path.expanduser("~/airflow"))
 
@@ -57,7 +57,7 @@ SETTINGS: dict[str, Setting] = {
     "partition_poll_seconds": Setting("capi_partition_poll_seconds", "60", "float", example="60"),
     "wait_minutes": Setting("capi_partition_claim_wait_minutes", "60", "float", example="60"),
     "poll_seconds": Setting("capi_partition_claim_poll_seconds", "15", "float", 0.1, example="15"),
-    "allow_mixed_granularity": Setting(ALLOW_VARIABLE, "false", "flag"),
+    "allow_mixed_granularity": Setting(MIXED_GRANULARITY_VARIABLE, "false", "flag"),
     "max_invalid_ratio": Setting("capi_max_invalid_ratio", "0.05", "float", 0, 1, "0.05"),
     "max_event_age_days": Setting("capi_max_event_age_days", "28", "int", 1, example="28"),
     "allow_custom_events": Setting("capi_allow_custom_events", "false", "flag"),

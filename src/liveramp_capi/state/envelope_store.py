@@ -27,7 +27,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from liveramp_capi.domain.consent import DAY_SECONDS, LIFETIME_DAYS, LifetimeRule, envelope_expiry
+from liveramp_capi.domain.consent import (
+    DAY_SECONDS,
+    DEFAULT_REFRESH_REMAINING_SHARE,
+    LIFETIME_DAYS,
+    LifetimeRule,
+    envelope_expiry,
+)
 from liveramp_capi.domain.envelopes import (
     ACTIVE,
     CONSENT_MISSING,
@@ -65,7 +71,6 @@ SCHEMA_COMPONENT = "envelope_store"
 SCHEMA_VERSION = 2
 #: Share of an envelope's lifetime that may remain when the refresh selects it (a third: a
 #: 15-day envelope is refreshed from day 10 on, a 30-day one from day 20 on).
-DEFAULT_REFRESH_REMAINING_SHARE = 1 / 3
 #: Rows per statement for upserts and ``IN`` look-ups (bounded statement size on both backends).
 WRITE_CHUNK = 500
 

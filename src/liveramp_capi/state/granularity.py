@@ -19,11 +19,8 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from liveramp_capi.domain.partition import HOURLY, partition_granularity
+from liveramp_capi.domain.partition import HOURLY, MIXED_GRANULARITY_VARIABLE, partition_granularity
 from liveramp_capi.state.ledger import ledger_table
-
-#: The Variable that lets a day and its hours both be delivered (their files hold different events).
-ALLOW_VARIABLE = "capi_allow_mixed_granularity"
 
 
 class Claim(Protocol):
@@ -108,7 +105,7 @@ def refusal(partition: str, overlaps: list[Overlap]) -> str:
         f"({described}{more}). A day and its hours exported from one feed hold the same events, which "
         "would reach TikTok twice. Deliver each feed either by day (tiktok_conversions) or by hour "
         f"(tiktok_conversions_hourly); if this day's and its hours' files hold different events, set the "
-        f"Variable {ALLOW_VARIABLE} to true and clear this task. Nothing was read or sent by this run."
+        f"Variable {MIXED_GRANULARITY_VARIABLE} to true and clear this task. Nothing was read or sent by this run."
     )
 
 
@@ -123,7 +120,7 @@ def check_one_granularity(
 ) -> None:
     """Refuse a partition whose day is delivered at the other granularity too.
 
-    :param allowed: the Variable :data:`ALLOW_VARIABLE` is on: nothing is checked.
+    :param allowed: the Variable :data:`MIXED_GRANULARITY_VARIABLE` is on: nothing is checked.
     :raises MixedGranularity: with :func:`refusal`'s message.
     """
     if allowed:
