@@ -313,7 +313,8 @@ def failed_hour(airflow_db, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("console-hourly")
     day = (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)).isoformat()
-    hour = f"{day}T13"
+    # An hour no other test runs: the metadata DB is shared by the session, and the row counts runs.
+    hour = f"{day}T07"
     stage_refused_partition(root / "landing", day).rename(root / "landing" / f"dt={hour}")
     with running_standin(*STANDIN_ARGS) as standin, pytest.MonkeyPatch.context() as patch:
         configure_pipeline(patch, root, standin)
