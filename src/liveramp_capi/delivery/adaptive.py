@@ -76,9 +76,10 @@ class ThrottleRate:
     together, each by the same factor; between decreases each climbs by the same absolute
     steps. Equal steps up and proportional steps down is what makes shards converge to equal
     shares without a coordinator (Chiu and Jain): each cycle shrinks the gap between a large and
-    a small shard by the decrease factor, while the climb adds the same to both. An endpoint that
-    refuses a fixed share at random, whatever the rate, cannot drive the rate below ``KEEP``
-    times the best rate it admitted in the last ``MEMORY`` seconds.
+    a small shard by the decrease factor, while the climb adds the same to both. A decrease that
+    does not quieten the 429s (the share never fell to ``MARGIN`` since) is not repeated unless
+    the share grows: an endpoint refusing a share at random, whatever the rate, lowers the rate
+    once, not step by step.
 
     :param ceiling: the connection's hard ceiling in requests/s (0 = none).
     :param started: clock time of the run's start.
@@ -104,16 +105,17 @@ class ThrottleRate:
     HOLD_OFF = 1.0
     #: The share of 429s in the window above which a 429 is a congestion event, not a stray one.
     MARGIN = 0.02
+    #: Fewer 429s than this in the window are noise, whatever their share: a shard sending 50
+    #: requests/s hears 25 answers a half second, where one 429 is already 4%. Without it a small
+    #: shard decreases far more often than a large one and never climbs to its fair share.
+    EVIDENCE = 3
     #: Pacing starts only above this share: an unpaced shard that overruns a limit sees far more
     #: (R = 2,000 against 64 requests every 20 ms: 37%), while an endpoint refusing one request
     #: in ten at random is better served by delaying just those.
-    START_SHARE = 0.25
-    #: The rate never drops below this share of the best admitted rate of the last ``MEMORY``
-    #: seconds. An endpoint that refuses a share of requests at random, whatever the rate,
-    #: would otherwise drive it down step by step; a limit that really fell is followed once
-    #: the memory has passed.
-    KEEP = 0.6
-    MEMORY = 10.0
+    START_SHARE = 0.05
+    #: After a decrease that did not quieten the 429s, only a share this many times the last
+    #: event's (plus ``MARGIN``) is a new congestion event: the 429s do not follow our rate.
+    WORSE = 1.5
 
     def __init__(self, ceiling: float, started: float) -> None:
         self.ceiling = ceiling
@@ -125,8 +127,8 @@ class ThrottleRate:
         self._epoch = started
         self._sent = RateMeter(1.0, started)
         self._admitted = RateMeter(1.0, started)
-        self._peaks: deque[tuple[float, float]] = deque()  # (time, admitted rate), falling
-        self._peak_slot = -1
+        self._quiet = False  # the share of 429s fell to MARGIN since the last decrease
+        self._quiet_slot = -1
         self._answers = RateMeter(self.WINDOW, started)
         self._refusals = RateMeter(self.WINDOW, started)
 
@@ -137,14 +139,15 @@ class ThrottleRate:
     def on_admitted(self, now: float, sent_at: float | None = None) -> float | None:
         """Note an answer other than 429; returns the new rate when pacing is on."""
         self._admitted.add(now)
-        slot = int(now * 4)
-        if slot != self._peak_slot:  # four samples a second
-            self._peak_slot = slot
-            self._note_peak(now, self._admitted.rate(now))
         if sent_at is None or sent_at >= self._epoch:
             self._answers.add(now)
         if not self.enabled:
             return None
+        slot = int(now * 8)
+        if not self._quiet and slot != self._quiet_slot:  # eight looks a second are enough
+            self._quiet_slot = slot
+            refusals = self._refusals.count(now)
+            self._quiet = refusals <= self.MARGIN * self._answers.count(now)
         elapsed = max(0.0, now - self._epoch)
         rate = self._base + self.STEP * elapsed * (1 + elapsed / self.RAMP)
         if self.ceiling:
@@ -167,7 +170,12 @@ class ThrottleRate:
         if self.enabled and now < self._epoch + self.HOLD_OFF:
             return None  # the decrease has not had time to show yet
         answers = self._answers.count(now)
-        share = self._refusals.count(now) / max(answers, 1)
+        refusals = self._refusals.count(now)
+        if refusals < self.EVIDENCE:
+            return None
+        share = refusals / max(answers, 1)
+        if self.enabled and not self._quiet and share <= self.WORSE * self.last_event + self.MARGIN:
+            return None  # the last decrease did not quieten them: these 429s ignore our rate
         if not self.enabled and not (
             (answers >= 50 and share > self.START_SHARE) or (answers >= 10 and share > 0.5)
         ):
@@ -186,22 +194,10 @@ class ThrottleRate:
         self.enabled = True
         self.decreases += 1
         self.last_event = share
-        rate = max(current * factor, self.KEEP * self._peak(now), self.FLOOR)
+        self._quiet = False
+        rate = max(current * factor, self.FLOOR)
         self.rate = self._base = min(rate, self.ceiling) if self.ceiling else rate
         return self.rate
-
-    def _note_peak(self, now: float, rate: float) -> None:
-        # A monotonic deque: the best rate of the memory window is always at its left end.
-        peaks = self._peaks
-        while peaks and peaks[-1][1] <= rate:
-            peaks.pop()
-        peaks.append((now, rate))
-
-    def _peak(self, now: float) -> float:
-        peaks = self._peaks
-        while peaks and peaks[0][0] < now - self.MEMORY:
-            peaks.popleft()
-        return peaks[0][1] if peaks else 0.0
 
 
 class InFlightLimit:
