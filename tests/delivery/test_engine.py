@@ -115,6 +115,18 @@ def test_a_token_bucket_lowers_the_rate_instead_of_storming(standin) -> None:
     assert sorted(standin.received_event_ids()) == sorted(items)
 
 
+def test_random_429s_lower_the_rate_once_then_pacing_goes_off_again(standin, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="liveramp_capi.delivery")
+    # One request in eight refused at random, whatever the rate: pacing would only slow the run.
+    standin.config(throttle_rate=0.125, retry_after_seconds=0, latency_ms=10, seed=5)
+    items = [f"e{i}" for i in range(5_000)]
+    outcomes, stats, _ = run(standin, items, concurrency=16, **FAST)
+    assert all(o[0] == "ok" for o in outcomes.values()) and len(outcomes) == 5_000
+    assert stats.rate_decreases >= 1 and stats.pacing_withdrawals >= 1, stats
+    assert "request pacing off again" in caplog.text
+    assert sorted(standin.received_event_ids()) == sorted(items)
+
+
 def test_progress_lines_name_the_shard_counts_and_failing_codes(standin, caplog) -> None:
     caplog.set_level(logging.INFO, logger="liveramp_capi.delivery")
     standin.config(latency_ms=20, error_rate=0.2, seed=9)

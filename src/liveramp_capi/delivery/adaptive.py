@@ -2,13 +2,15 @@
 limit that follows latency, each below an optional hard ceiling of the connection.
 
 * :class:`ThrottleRate` is the client-side token bucket of the AWS SDKs' adaptive retry mode:
-  off until the first 429, then AIMD: on a congestion event (more than 2% of the last half
-  second's answers were 429) the rate drops by that share plus a margin (at least a tenth), then
-  climbs back by absolute steps that grow the longer no 429 comes. One congestion event lowers
-  the rate once: 429s of requests sent before the last decrease are echoes of the old rate, and
-  no second decrease comes within ``HOLD_OFF``. The steps up and the hold-off are absolute
-  (requests/s per second; seconds), the same for every shard, so several shards against one
-  server limit converge to equal shares without talking to each other.
+  off until 429s stand out (more than 5% of a whole half second's answers), then AIMD: on a
+  congestion event (more than 2% of the last half second's answers were 429) the rate drops by
+  that share plus a margin (at least a tenth), then climbs back by absolute steps that grow the
+  longer no 429 comes. One congestion event lowers the rate once: 429s of requests sent before
+  the last decrease are echoes of the old rate, and no second decrease comes within
+  ``HOLD_OFF``. The steps up and the hold-off are absolute (requests/s per second; seconds), the
+  same for every shard, so several shards against one server limit converge to equal shares
+  without talking to each other. A decrease after which the share of 429s stays the same turns
+  pacing off again: those 429s come at random, whatever the rate.
 * :class:`InFlightLimit` is a gradient limit in the spirit of Netflix's concurrency-limits: it
   doubles while the answers' median latency stays near its long-run level (slow start), grows by
   ``sqrt(limit)`` per window afterwards, and shrinks by a fifth when latency doubles or most
@@ -76,10 +78,14 @@ class ThrottleRate:
     together, each by the same factor; between decreases each climbs by the same absolute
     steps. Equal steps up and proportional steps down is what makes shards converge to equal
     shares without a coordinator (Chiu and Jain): each cycle shrinks the gap between a large and
-    a small shard by the decrease factor, while the climb adds the same to both. A decrease that
-    does not quieten the 429s (the share never fell to ``MARGIN`` since) is not repeated unless
-    the share grows: an endpoint refusing a share at random, whatever the rate, lowers the rate
-    once, not step by step.
+    a small shard by the decrease factor, while the climb adds the same to both.
+
+    An endpoint may also refuse a share of requests at random, whatever the rate (the faults
+    mix: one in ten). Pacing would only slow such a run down (each decrease at the random share,
+    once a second, holds the rate at a small fraction of what the endpoint admits), so every
+    decrease is reviewed ``HOLD_OFF`` later: when the share of 429s among answers to the requests
+    sent since is about the share that caused it (see ``UNFOLLOWED``), pacing goes off again and
+    that share is tolerated for a while: only a share well above it (``WORSE``) starts pacing.
 
     :param ceiling: the connection's hard ceiling in requests/s (0 = none).
     :param started: clock time of the run's start.
@@ -109,13 +115,24 @@ class ThrottleRate:
     #: requests/s hears 25 answers a half second, where one 429 is already 4%. Without it a small
     #: shard decreases far more often than a large one and never climbs to its fair share.
     EVIDENCE = 3
-    #: Pacing starts only above this share: an unpaced shard that overruns a limit sees far more
-    #: (R = 2,000 against 64 requests every 20 ms: 37%), while an endpoint refusing one request
-    #: in ten at random is better served by delaying just those.
+    #: Pacing starts only above this share of a whole window's answers: an unpaced shard that
+    #: overruns a limit sees far more (R = 2,000 against 64 requests every 20 ms: 37%; R + 10%:
+    #: 9%), while a few strays are better served by delaying just those.
     START_SHARE = 0.05
-    #: After a decrease that did not quieten the 429s, only a share this many times the last
-    #: event's (plus ``MARGIN``) is a new congestion event: the 429s do not follow our rate.
+    #: A decrease is taken back when the share of 429s after it is still this much of
+    #: the share that caused it: the 429s do not follow the rate (a limit's 429s vanish once the
+    #: rate is below it). Only then is a share above ``WORSE`` times the tolerated one plus
+    #: ``MARGIN`` a congestion event, for ``TOLERANCE_SECONDS``; after that pacing may start
+    #: again at ``START_SHARE`` and be reviewed again, so a share misjudged as random (another
+    #: shard overrunning a limit while this one slowed down) costs at most that long.
+    UNFOLLOWED = 0.6
     WORSE = 1.5
+    TOLERANCE_SECONDS = 10.0
+    #: How long a review waits for enough answers (50 in the window) before giving up on it.
+    REVIEW_WAIT = 2.0
+    #: Only a share up to this is ever taken for random refusals: more is a limit overrun,
+    #: whoever overruns it.
+    RANDOM_AT_MOST = 0.25
 
     def __init__(self, ceiling: float, started: float) -> None:
         self.ceiling = ceiling
@@ -123,31 +140,42 @@ class ThrottleRate:
         self.rate = 0.0
         self.decreases = 0
         self.last_event = 0.0  # the share of 429s that caused the last decrease
+        self.tolerated = 0.0  # a share of 429s seen not to follow the rate
+        self.withdrawn = 0  # times pacing went off again (see UNFOLLOWED)
+        self._review_at: float | None = None  # when to check that the last decrease helped
+        self._look_slot = -1
+        self._tolerated_until = 0.0
         self._base = 0.0  # the rate set by the last decrease
         self._epoch = started
+        self._started = started
         self._sent = RateMeter(1.0, started)
         self._admitted = RateMeter(1.0, started)
-        self._quiet = False  # the share of 429s fell to MARGIN since the last decrease
-        self._quiet_slot = -1
         self._answers = RateMeter(self.WINDOW, started)
         self._refusals = RateMeter(self.WINDOW, started)
+
+    @property
+    def noise(self) -> float:
+        """The share of 429s at or below which a 429 is no congestion event."""
+        return self.WORSE * self.tolerated + self.MARGIN if self.tolerated else self.MARGIN
 
     def on_sent(self, now: float) -> None:
         """Note one request leaving."""
         self._sent.add(now)
 
     def on_admitted(self, now: float, sent_at: float | None = None) -> float | None:
-        """Note an answer other than 429; returns the new rate when pacing is on."""
+        """Note an answer other than 429; returns the new rate when pacing is on, and the
+        ceiling (0 = none) when pacing just went off (``withdrawn`` grows)."""
         self._admitted.add(now)
         if sent_at is None or sent_at >= self._epoch:
             self._answers.add(now)
         if not self.enabled:
             return None
-        slot = int(now * 8)
-        if not self._quiet and slot != self._quiet_slot:  # eight looks a second are enough
-            self._quiet_slot = slot
-            refusals = self._refusals.count(now)
-            self._quiet = refusals <= self.MARGIN * self._answers.count(now)
+        if self._review_at is not None:
+            slot = int(now * 8)
+            if slot != self._look_slot:  # eight looks a second are enough
+                self._look_slot = slot
+                if self._withdraw(now):
+                    return self.rate
         elapsed = max(0.0, now - self._epoch)
         rate = self._base + self.STEP * elapsed * (1 + elapsed / self.RAMP)
         if self.ceiling:
@@ -162,42 +190,68 @@ class ThrottleRate:
             self._answers.add(now)
 
     def on_throttled(self, now: float, sent_at: float) -> float | None:
-        """Note a 429; returns the new (lower) rate when it is a new congestion event."""
+        """Note a 429; returns the new (lower) rate when it is a new congestion event. Pacing
+        may go off here too (``withdrawn`` grows)."""
         if sent_at < self._epoch:
             return None  # sent before the last decrease: an echo of the old rate
         self._answers.add(now)
         self._refusals.add(now)
-        if self.enabled and now < self._epoch + self.HOLD_OFF:
-            return None  # the decrease has not had time to show yet
+        if self.enabled and self._review_at is not None:
+            self._withdraw(now)
+            if self.enabled and self._review_at is not None:
+                return None  # the last decrease has not shown yet (or too few answers tell)
         answers = self._answers.count(now)
         refusals = self._refusals.count(now)
         if refusals < self.EVIDENCE:
             return None
         share = refusals / max(answers, 1)
-        if self.enabled and not self._quiet and share <= self.WORSE * self.last_event + self.MARGIN:
-            return None  # the last decrease did not quieten them: these 429s ignore our rate
-        if not self.enabled and not (
-            (answers >= 50 and share > self.START_SHARE) or (answers >= 10 and share > 0.5)
-        ):
-            return None  # too few answers yet, or a share an unpaced shard lives with
-        if share <= self.MARGIN:
-            return None  # a stray 429, not a limit being hit
-        if self.enabled:
+        if self.tolerated and not self.enabled and now >= self._tolerated_until:
+            self.tolerated = 0.0  # look again: was it random after all?
+        if share <= self.noise:
+            return None  # strays, or the share the endpoint refuses whatever the rate
+        if not self.enabled:
+            # A share above START_SHARE counts over a whole window only: in the first moments a
+            # token bucket's burst hides how far beyond its limit the shard sends.
+            full = now >= self._started + self.WINDOW and answers >= 50
+            if not ((full and share > self.START_SHARE) or (answers >= 10 and share > 0.5)):
+                return None  # too few answers yet, or a share an unpaced shard lives with
+            # First throttle: what the endpoint admitted is the best guess of its limit.
+            current = max(self._admitted.rate(now), self.FLOOR)
+            factor = min(self.BETA, max(self.DEEPEST, 1 - share - self.LANDING))
+            self.tolerated = 0.0  # paced, every shard must hear the same congestion events
+        else:
             # The paced rate, or what was really sent when less (workers waiting out Retry-After).
             current = min(self.rate, max(self._sent.rate(now), self.FLOOR))
             factor = min(self.BETA, max(self.DEEPEST, 1 - share - self.LANDING))
-        else:
-            # First throttle: what the endpoint admitted is the best guess of its limit.
-            current = max(self._admitted.rate(now), self.FLOOR)
-            factor = self.BETA
+        self._review_at = now + self.HOLD_OFF
         self._epoch = now
         self.enabled = True
         self.decreases += 1
         self.last_event = share
-        self._quiet = False
         rate = max(current * factor, self.FLOOR)
         self.rate = self._base = min(rate, self.ceiling) if self.ceiling else rate
         return self.rate
+
+    def _withdraw(self, now: float) -> bool:
+        """Turn pacing off when the last decrease did not change the share of 429s
+        (see ``UNFOLLOWED``); the rate becomes the ceiling (0 = none). True when it did."""
+        if self._review_at is None or now < self._review_at:
+            return False
+        answers = self._answers.count(now)
+        if answers < 50:
+            if now >= self._review_at + self.REVIEW_WAIT:
+                self._review_at = None  # too slow to tell: take the 429s as following the rate
+            return False
+        self._review_at = None
+        share = self._refusals.count(now) / answers
+        if not self.UNFOLLOWED * self.last_event <= share <= self.RANDOM_AT_MOST >= self.last_event:
+            return False
+        self.enabled = False
+        self.withdrawn += 1
+        self.tolerated = max(self.last_event, share)
+        self._tolerated_until = now + self.TOLERANCE_SECONDS
+        self.rate = self._base = self.ceiling
+        return True
 
 
 class InFlightLimit:

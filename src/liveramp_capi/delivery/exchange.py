@@ -78,6 +78,8 @@ class RequestStats:
     :param error_counts: transport failures by kind (``"timeout"``, aiohttp class name).
     :param pauses: times a 429 held every request because most were being refused.
     :param rate_decreases: times a 429 lowered the adaptive request rate.
+    :param pacing_withdrawals: times pacing went off again because the 429s did not follow the
+        rate (an endpoint refusing a share at random).
     :param final_rate_limit: the adaptive rate at the end (requests/s; 0 = never throttled).
     :param elapsed_seconds: wall time of the run.
     """
@@ -89,6 +91,7 @@ class RequestStats:
     error_counts: dict[str, int] = field(default_factory=dict)
     pauses: int = 0
     rate_decreases: int = 0
+    pacing_withdrawals: int = 0
     final_rate_limit: float = 0.0
     elapsed_seconds: float = 0.0
 
@@ -107,6 +110,7 @@ class RequestStats:
             "error_counts": dict(sorted(self.error_counts.items())),
             "pauses": self.pauses,
             "rate_decreases": self.rate_decreases,
+            "pacing_withdrawals": self.pacing_withdrawals,
             "final_rate_limit": round(self.final_rate_limit, 1),
             "elapsed_seconds": round(self.elapsed_seconds, 3),
         }

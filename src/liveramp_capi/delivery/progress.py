@@ -67,8 +67,16 @@ async def report_progress(
             (stats.requests - last_requests) / max(now - last_at, 1e-9),
             stats.retries,
             stats.throttled,
-            f"{rate.rate:.0f}/s" if rate.enabled else "none (never throttled)",
+            _rate_limit(rate),
             int(run.slots.limit),
             ", ".join(f"{k} x{v}" for k, v in sorted(failing.items())) or "nothing",
         )
         last_requests, last_statuses, last_errors, last_at = stats.requests, statuses, errors, now
+
+
+def _rate_limit(rate: ThrottleRate) -> str:
+    if rate.enabled:
+        return f"{rate.rate:.0f}/s"
+    if rate.withdrawn:
+        return "none (the 429s did not follow the rate: refused at random)"
+    return "none (never throttled)"

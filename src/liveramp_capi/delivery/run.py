@@ -98,8 +98,11 @@ class EngineRun(Generic[ItemT, OutcomeT, StatsT]):
         """An answer other than 429: let the adaptive rate climb."""
         self.note_refused(now, False)
         if self.adaptive:
+            withdrawn = self.rate.withdrawn
             new_rate = self.rate.on_admitted(now, sent_at)
-            if new_rate is not None:
+            if self.rate.withdrawn != withdrawn:
+                self._pacing_off()
+            elif new_rate is not None:
                 self.limiter.set_rate(new_rate, _burst(new_rate))
 
     def throttled(self, now: float, sent_at: float, hold: float) -> None:
@@ -107,7 +110,10 @@ class EngineRun(Generic[ItemT, OutcomeT, StatsT]):
         when most answers of the last second were refusals."""
         share = self.note_refused(now, True)
         if self.adaptive:
+            withdrawn = self.rate.withdrawn
             new_rate = self.rate.on_throttled(now, sent_at)
+            if self.rate.withdrawn != withdrawn:
+                self._pacing_off()
             if new_rate is not None:
                 self.stats.rate_decreases += 1
                 self.limiter.set_rate(new_rate, _burst(new_rate))
@@ -121,6 +127,17 @@ class EngineRun(Generic[ItemT, OutcomeT, StatsT]):
             before = self.limiter.pauses
             self.limiter.pause_for(hold)
             self.stats.pauses += self.limiter.pauses - before
+
+    def _pacing_off(self) -> None:
+        self.stats.pacing_withdrawals += 1
+        ceiling = self.rate.ceiling
+        self.limiter.set_rate(ceiling, 1)  # as the run started: the ceiling alone
+        log.info(
+            "request pacing off again: %.1f%% of answers are still 429 at the lower rate, so they "
+            "do not follow the rate (pacing returns above %.1f%%)",
+            100 * self.rate.tolerated,
+            100 * (self.rate.WORSE * self.rate.tolerated + self.rate.MARGIN),
+        )
 
     def note_refused(self, now: float, refused: bool) -> float:
         """Record one answer and return the share of refusals over the last second."""
