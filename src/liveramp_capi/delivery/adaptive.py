@@ -163,8 +163,8 @@ class ThrottleRate:
         self._sent.add(now)
 
     def on_admitted(self, now: float, sent_at: float | None = None) -> float | None:
-        """Note an answer other than 429; returns the new rate when pacing is on, and the
-        ceiling (0 = none) when pacing just went off (``withdrawn`` grows)."""
+        """Note an answer other than 429; returns the new rate when pacing is on. Pacing may go
+        off here (``withdrawn`` grows; then ``None``)."""
         self._admitted.add(now)
         if sent_at is None or sent_at >= self._epoch:
             self._answers.add(now)
@@ -175,7 +175,7 @@ class ThrottleRate:
             if slot != self._look_slot:  # eight looks a second are enough
                 self._look_slot = slot
                 if self._withdraw(now):
-                    return self.rate
+                    return None
         elapsed = max(0.0, now - self._epoch)
         rate = self._base + self.STEP * elapsed * (1 + elapsed / self.RAMP)
         if self.ceiling:
@@ -244,8 +244,10 @@ class ThrottleRate:
             return False
         self._review_at = None
         share = self._refusals.count(now) / answers
-        if not self.UNFOLLOWED * self.last_event <= share <= self.RANDOM_AT_MOST >= self.last_event:
-            return False
+        if share < self.UNFOLLOWED * self.last_event:
+            return False  # the share fell with the rate: a limit
+        if max(share, self.last_event) > self.RANDOM_AT_MOST:
+            return False  # too many to be random: a limit overrun, whoever overruns it
         self.enabled = False
         self.withdrawn += 1
         self.tolerated = max(self.last_event, share)

@@ -102,7 +102,7 @@ class EngineRun(Generic[ItemT, OutcomeT, StatsT]):
             new_rate = self.rate.on_admitted(now, sent_at)
             if self.rate.withdrawn != withdrawn:
                 self._pacing_off()
-            elif new_rate is not None:
+            if new_rate is not None:
                 self.limiter.set_rate(new_rate, _burst(new_rate))
 
     def throttled(self, now: float, sent_at: float, hold: float) -> None:
@@ -136,7 +136,7 @@ class EngineRun(Generic[ItemT, OutcomeT, StatsT]):
             "request pacing off again: %.1f%% of answers are still 429 at the lower rate, so they "
             "do not follow the rate (pacing returns above %.1f%%)",
             100 * self.rate.tolerated,
-            100 * (self.rate.WORSE * self.rate.tolerated + self.rate.MARGIN),
+            100 * self.rate.noise,
         )
 
     def note_refused(self, now: float, refused: bool) -> float:
