@@ -214,6 +214,23 @@ def test_failed_rows_without_prior_in_flight_and_sanitised_errors(ledger: Delive
     assert len(row["error"]) <= MAX_ERROR_CHARS
 
 
+def test_every_value_survives_the_json_payload(ledger: DeliveryLedger) -> None:
+    """The writes carry their rows as one JSON array the database unpacks: ids with quotes,
+    backslashes and non-ASCII, extreme hashes, a NULL status and a long error come back as written."""
+    odd = Batch("odd-\"id\\é", (1 << 63) - 1, ('"q"', "back\\slash", "ünï", "tab\t"), b"{}")
+    plain = Batch("plain", 0, ("1",), b"{}")
+    ledger.mark_in_flight(P, [odd, plain], "run#1")
+    ledger.record_failed(P, [(plain, 3, None, "x" * (MAX_ERROR_CHARS + 50))], "run#1")
+    ledger.record_acknowledged(P, [(odd, 2)], "run#2")
+    stored = rows(ledger)
+    assert stored[odd.batch_id]["event_ids"] == orjson.dumps(odd.event_ids).decode()
+    assert stored[odd.batch_id]["session_key_hash"] == (1 << 63) - 1
+    assert (stored[odd.batch_id]["state"], stored[odd.batch_id]["attempts"]) == (ACKNOWLEDGED, 2)
+    assert stored[odd.batch_id]["run_id"] == "run#2" and stored[odd.batch_id]["event_count"] == 4
+    assert stored["plain"]["http_status"] is None and stored["plain"]["attempts"] == 3
+    assert len(stored["plain"]["error"]) <= MAX_ERROR_CHARS
+
+
 def test_duplicate_batches_in_one_call_and_empty_calls(ledger: DeliveryLedger) -> None:
     batches = make_batches(1)
     ledger.mark_in_flight(P, batches + batches, "run")
