@@ -39,6 +39,7 @@ from liveramp_capi.domain.envelopes import (
     CONSENT_MISSING,
     EXPIRED,
     REFRESH_FAILED,
+    STORED_ENVELOPE_COLUMNS,
     EnvelopeRecord,
     RefreshResult,
     StoredEnvelope,
@@ -278,15 +279,19 @@ class EnvelopeStore:
         """
         now = _now() if now is None else int(now)
         keys = sorted(set(user_keys))
-        table = envelope_table
         found: dict[str, StoredEnvelope] = {}
+        # Plain SQL through the driver, rows as tuples: a send task looks up ~20,000 keys before
+        # its first request, and SQLAlchemy's per-row work was three quarters of that time.
+        mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+        head = f"SELECT {', '.join(STORED_ENVELOPE_COLUMNS)} FROM {envelope_table.name} WHERE "
+        tail = "" if include_expired else f" AND expires_at > {mark}"
+        build = StoredEnvelope.from_values
         with self.engine.connect() as connection:
             for chunk in chunked(keys, WRITE_CHUNK):
-                query = sa.select(envelope_table).where(table.c.user_key.in_(list(chunk)))
-                if not include_expired:
-                    query = query.where(table.c.expires_at > now)
-                for row in connection.execute(query):
-                    found[row.user_key] = StoredEnvelope.from_row(row)
+                statement = f"{head}user_key IN ({', '.join([mark] * len(chunk))}){tail}"
+                params = (*chunk, now) if tail else tuple(chunk)
+                for row in connection.exec_driver_sql(statement, params):
+                    found[row[0]] = build(*row)
         return found
 
     @staticmethod
