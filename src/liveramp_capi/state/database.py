@@ -206,6 +206,14 @@ def opened(engine: Engine) -> Iterator[None]:
         raise _unavailable(engine, exc, describe(engine)) from None
 
 
+def driver_placeholder(engine: Engine) -> str:
+    """The driver's positional parameter mark for plain SQL (``exec_driver_sql``): ``?`` or ``%s``.
+
+    :param engine: a SQLite (qmark) or PostgreSQL (format) engine.
+    """
+    return "?" if engine.dialect.paramstyle == "qmark" else "%s"
+
+
 def upsert_insert(engine: Engine) -> Any:
     """The dialect's ``insert`` construct, which offers ``on_conflict_do_update`` (upserts).
 

@@ -50,6 +50,7 @@ from liveramp_capi.state.database import (
     SQLITE_BEGIN_IMMEDIATE,
     chunked,
     delete_where_in,
+    driver_placeholder,
     execute_write,
     retrying,
     upsert_insert,
@@ -282,14 +283,14 @@ class EnvelopeStore:
         found: dict[str, StoredEnvelope] = {}
         # Plain SQL through the driver, rows as tuples: a send task looks up ~20,000 keys before
         # its first request, and SQLAlchemy's per-row work was three quarters of that time.
-        mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+        mark = driver_placeholder(self.engine)
         head = f"SELECT {', '.join(STORED_ENVELOPE_COLUMNS)} FROM {envelope_table.name} WHERE "
         tail = "" if include_expired else f" AND expires_at > {mark}"
         build = StoredEnvelope.from_values
         with self.engine.connect() as connection:
             for chunk in chunked(keys, WRITE_CHUNK):
                 statement = f"{head}user_key IN ({', '.join([mark] * len(chunk))}){tail}"
-                params = (*chunk, now) if tail else tuple(chunk)
+                params = tuple(chunk) if include_expired else (*chunk, now)
                 for row in connection.exec_driver_sql(statement, params):
                     found[row[0]] = build(*row)
         return found

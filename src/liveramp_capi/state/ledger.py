@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 
 from liveramp_capi.domain.batches import Batch
 from liveramp_capi.domain.redaction import MAX_ERROR_CHARS, sanitize_error
-from liveramp_capi.state.database import retrying, upsert_insert
+from liveramp_capi.state.database import driver_placeholder, retrying, upsert_insert
 from liveramp_capi.state.migrations import ensure_component_schema, metadata
 
 IN_FLIGHT = "in_flight"
@@ -291,16 +291,15 @@ class DeliveryLedger:
     def _statement(self, on_conflict: str) -> str:
         """The upsert of a JSON array of ``[batch_id, session_key_hash, event_count, event_ids,
         attempts, http_status, error]`` rows: plain SQL for the driver, in array order."""
+        mark = driver_placeholder(self.engine)
         if self.dialect == "sqlite":
-            mark = "?"
             fields = [f"json_extract(j.value, '$[{i}]')" for i in range(7)]
             # "WHERE true": without it SQLite reads ON CONFLICT as part of the SELECT.
             source = "json_each(?) AS j WHERE true ORDER BY j.key"
         else:
-            mark = "%s"
             casts = ("text", "bigint", "integer", "text", "integer", "integer", "text")
             fields = [f"(j.value->>{i})::{cast}" for i, cast in enumerate(casts)]
-            source = "json_array_elements(%s::json) WITH ORDINALITY AS j(value, n) ORDER BY j.n"
+            source = f"json_array_elements({mark}::json) WITH ORDINALITY AS j(value, n) ORDER BY j.n"
         batch_id, key_hash, event_count, event_ids, attempts, http_status, error = fields
         values = {  # _COLUMNS order, checked below
             "partition": mark, "batch_id": batch_id, "session_key_hash": key_hash, "event_count": event_count,
