@@ -24,6 +24,7 @@ from liveramp_capi.domain.sessions import read_shard, sessionise
 from liveramp_capi.domain.summary import SHARD_COUNTERS
 from liveramp_capi.pipeline.errors import PermanentStepFailure, StepFailed
 from liveramp_capi.pipeline.ports import Claim
+from liveramp_capi.pipeline.shard_planner import ShardPlanner
 
 if TYPE_CHECKING:
     from liveramp_capi.state.envelope_store import EnvelopeStore
@@ -199,7 +200,6 @@ def deliver_shard(
     # Events held by an earlier run belong to the held table (recovery delivers them);
     # events held now are recorded there before any batch of their session is sent.
     held_index = held.shard_index(partition, shard, shard_count)
-    pending_holds: list[Any] = []
 
     counts: Counter[str] = Counter(
         sessions=len(sessions), unknown_outcome_batches=len(unknown_outcome)
@@ -225,43 +225,28 @@ def deliver_shard(
             held.hold(partition, holds, now=now)
         ledger.mark_in_flight(partition, group, run_id)
 
-    def submit_mark(group: list[Batch]) -> tuple[Future[None], list[Batch]]:
-        holds = list(pending_holds)
-        pending_holds.clear()
-        return writer.submit(mark, group, holds), group
-
-    def batches() -> Iterator[Batch]:
-        group: list[Batch] = []
+    def batches(planner: ShardPlanner) -> Iterator[Batch]:
         marking: tuple[Future[None], list[Batch]] | None = None
-        for session in sessions:
-            counts["events"] += len(session.entries)
-            plan = plan_session(session, stored, now, partition=partition, max_events=max_events,
-                                acknowledged=acknowledged, held=held_index, this_run=this_run)
-            plan.add_counts(counts)
-            pending_holds.extend(plan.hold)
-            expired_lines.extend(plan.expired_lines(partition, shard))
-            for batch in plan.batches:
-                if abort:
-                    # The endpoint refused the configuration itself: nothing more is sent.
-                    counts["not_sent_events"] += batch.event_count
-                    continue
-                group.append(batch)
-                if len(group) >= _LEDGER_GROUP:
-                    # The next group is marked while this one goes out.
-                    submitted = submit_mark(group)
-                    if marking is not None:
-                        yield from _in_flight(*marking)
-                    marking, group = submitted, []
-        if group:
-            submitted = submit_mark(group)
+        holds: list[Any] = []
+        for planned in planner:
+            counts.update(planned.counts)
+            expired_lines.extend(planned.expired_lines)
+            holds.extend(planned.holds)
+            if abort:
+                # The endpoint refused the configuration itself: nothing more is sent.
+                counts["not_sent_events"] += sum(batch.event_count for batch in planned.batches)
+                continue
+            if not planned.batches:
+                continue
+            # The next group is marked while this one goes out.
+            submitted = writer.submit(mark, planned.batches, holds), planned.batches
+            holds = []
             if marking is not None:
                 yield from _in_flight(*marking)
             marking = submitted
         if marking is not None:
             yield from _in_flight(*marking)
-        if pending_holds:
-            holds = list(pending_holds)
-            pending_holds.clear()
+        if holds:
             writer.submit(held.hold, partition, holds, now=now).result()
 
     def _in_flight(marked: Future[None], group: list[Batch]) -> Iterator[Batch]:
@@ -315,11 +300,19 @@ def deliver_shard(
     # Every event ends in exactly one of these; what is left is still to be decided.
     resolved = ("delivered_events", "delivered_earlier_tries_events", "previously_delivered_events",
                 "failed_events", "envelope_expired_events", "not_sent_events")
+    planner = ShardPlanner(
+        sessions,
+        lambda session: plan_session(session, stored, now, partition=partition, max_events=max_events,
+                                     acknowledged=acknowledged, held=held_index, this_run=this_run),
+        lambda plan: plan.expired_lines(partition, shard),
+        group_size=_LEDGER_GROUP, name=f"planner-shard-{shard}",
+    )
     try:
-        stats = send_batches(  # a progress line every progress_interval_seconds (connection extra)
-            batches(), on_outcome, label=f"shard {shard}",
-            remaining=lambda: f"{shard_events - sum(counts[key] for key in resolved):,} events",
-        )
+        with planner:
+            stats = send_batches(  # a progress line every progress_interval_seconds (connection extra)
+                batches(planner), on_outcome, label=f"shard {shard}",
+                remaining=lambda: f"{shard_events - sum(counts[key] for key in resolved):,} events",
+            )
     finally:
         # Acknowledgements already queued are written even when the run failed.
         writer.shutdown(wait=True)
