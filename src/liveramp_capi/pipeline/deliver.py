@@ -2,6 +2,10 @@
 
 :func:`deliver_shard` sends; :func:`plan_shard` is a dry run's send step (the batches a real run
 would send, written as a plan). Plain Python: the operator passes the hook's ``send_batches``.
+
+A send task runs three threads: the event loop (sends, and marks and acknowledges through the
+writer), the ledger writer (every ledger and held-table write, in order) and the planner
+(:mod:`.shard_planner`: cuts the sessions into batches a few groups ahead).
 """
 
 from __future__ import annotations
