@@ -64,3 +64,26 @@ def test_collections_are_rarer_during_a_run_and_thresholds_come_back() -> None:
             assert gc.get_threshold()[0] == max(RUN_THRESHOLD, before[0])
         assert gc.get_threshold()[0] == max(RUN_THRESHOLD, before[0])  # the outer run still lasts
     assert gc.get_threshold() == before
+
+
+class _Leaf:
+    """A tracked object without a cycle."""
+
+
+def test_what_a_paused_block_builds_inside_a_frozen_run_is_frozen_when_it_ends() -> None:
+    gc.unfreeze()
+    with long_lived_heap_frozen():
+        frozen = gc.get_freeze_count()
+        with collector_paused():
+            built = [_Leaf() for _ in range(1_000)]
+        assert gc.get_freeze_count() >= frozen + len(built)  # never walked by the next collection
+    assert gc.get_freeze_count() == 0
+    assert all(gc.is_tracked(leaf) for leaf in built)
+
+
+def test_a_paused_block_outside_a_frozen_run_freezes_nothing() -> None:
+    gc.unfreeze()
+    with collector_paused():
+        built = [_Leaf() for _ in range(1_000)]
+    assert gc.get_freeze_count() == 0
+    assert len(built) == 1_000

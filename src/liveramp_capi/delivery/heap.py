@@ -60,11 +60,18 @@ def collector_paused() -> Iterator[None]:
     For building a large structure that lives on afterwards (a shard's sessions): collections
     meanwhile only walk objects that are all still alive. Garbage cycles made inside the block
     are collected by the first collection after it.
+
+    Inside a :func:`long_lived_heap_frozen` block, what the block built is frozen when it ends,
+    so that first collection does not walk it either: after reading a 1M-bench shard it walked
+    the 400,000 new objects for 60 ms, before the first request of the shard could go out.
     """
     was_enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
+        with _frozen_lock:
+            if _frozen_runs:
+                gc.freeze()
         if was_enabled:
             gc.enable()

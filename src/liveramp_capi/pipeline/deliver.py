@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from liveramp_capi.delivery.heap import collector_paused
+from liveramp_capi.delivery.heap import collector_paused, long_lived_heap_frozen
 from liveramp_capi.domain.batches import Batch
 from liveramp_capi.domain.dry_run import PLAN_COUNTERS, overlay_envelopes, plan_line
 from liveramp_capi.domain.send_plan import plan_session
@@ -142,6 +142,9 @@ def plan_shard(
     return ShardResult(result, None)
 
 
+# The shard's sessions live until the task ends: the collector stays off them (and off Airflow's
+# heap) from the moment they are built (see delivery/heap.py).
+@long_lived_heap_frozen()
 def deliver_shard(
     config: ShardConfig,
     storage: PartitionStorage,
@@ -189,8 +192,8 @@ def deliver_shard(
             shard,
             len(unknown_outcome),
         )
-    # The sessions live until the task ends: collections while reading them are wasted work
-    # (the engine keeps the collector off them while sending, see delivery/heap.py).
+    # The sessions live until the task ends: collections while reading them are wasted work,
+    # and they are frozen once read (see delivery/heap.py).
     with collector_paused(), storage.open_read(layout.shard(shard)) as stream:
         sessions = list(sessionise(read_shard(stream), gap_seconds=config.session_gap_seconds))
     # Envelope resolution: the freshest unexpired envelope per user key, the record's own or
