@@ -217,9 +217,13 @@ class DeliveryLedger:
 
     def _batch_ids(self, partition: str, shard: int, shard_count: int, state: str) -> list[str]:
         where = self._shard_filter(partition, shard, shard_count, state)
-        query = sa.select(ledger_table.c.batch_id).where(where).order_by(ledger_table.c.batch_id)
+        # Sorted here, not by ORDER BY: with it SQLite walks the primary key (partition, batch_id)
+        # over the whole partition instead of the (partition, state) index. A send task of a
+        # 1M-event partition spent 0.23 s before its first request on 270,000 acknowledged rows
+        # of other shards, none of them in flight.
+        query = sa.select(ledger_table.c.batch_id).where(where)
         with self.engine.connect() as connection:
-            return list(connection.execute(query).scalars())
+            return sorted(connection.execute(query).scalars())
 
     def partition_counts(self, partition: str) -> dict[str, dict[str, int]]:
         """Return ``{state: {"batches": n, "events": m}}`` for every state of a partition.
