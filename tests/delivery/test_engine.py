@@ -109,7 +109,12 @@ def test_a_token_bucket_lowers_the_rate_instead_of_storming(standin) -> None:
     items = [f"e{i}" for i in range(400)]
     outcomes, stats, _ = run(standin, items, concurrency=32, **FAST)
     assert all(o[0] == "ok" for o in outcomes.values()) and len(outcomes) == 400
-    assert stats.rate_decreases >= 1 and 0 < stats.final_rate_limit < 1000
+    assert stats.rate_decreases >= 1
+    # Paced at the end, or the review took pacing off for its 10 s of tolerance (a decrease that
+    # left a similar share of 429s reads as random refusals) and the run ended inside them:
+    # timing decides which (both were seen in 10 s runs). What shows there was no storm is the
+    # share of 429s below.
+    assert 0 < stats.final_rate_limit < 1000 or stats.pacing_withdrawals >= 1, stats
     # Without adaptation the unpaced workers meet an empty bucket most of the time.
     assert stats.throttled <= 0.25 * stats.requests, stats  # a short run: mostly the first burst
     assert sorted(standin.received_event_ids()) == sorted(items)
