@@ -63,7 +63,7 @@ def collector_paused() -> Iterator[None]:
 
     Inside a :func:`long_lived_heap_frozen` block, what the block built is frozen when it ends,
     so that first collection does not walk it either: after reading a 1M-bench shard it walked
-    the 400,000 new objects for 60 ms, before the first request of the shard could go out.
+    the 144,000 objects it had tracked for 60 ms, before the first request of the shard went out.
     """
     was_enabled = gc.isenabled()
     gc.disable()

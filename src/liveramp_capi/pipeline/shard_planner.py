@@ -4,7 +4,7 @@ A send task spends most of its time waiting on the endpoint's latency: the event
 is idle between answers. Planning a session (cutting its batches, hashing their ids, resolving
 envelopes) costs about 15 µs, some 0.4 s for a shard of 27,000 sessions. Done on the loop's
 thread, each plan sat between an answer and the next request and cost the send phase more
-than its own CPU time (a 1M-event bench shard: 6.5 s inline, 6.0 s with this planner,
+than its own CPU time (a 1M-event bench shard: 6.5 s inline, 6.0-6.1 s with this planner,
 ``BatchSender`` alone on ready batches 5.75 s). On a thread of its own the planning runs while
 the loop waits.
 
