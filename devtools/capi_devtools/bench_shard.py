@@ -39,6 +39,11 @@ def _thread_cpu() -> float:
     return resource.getrusage(resource.RUSAGE_THREAD).ru_utime + resource.getrusage(resource.RUSAGE_THREAD).ru_stime
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _process_cpu(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -111,10 +116,13 @@ class _Timed:
 
         sampler = threading.Thread(target=sample, name="bench-shard-sampler", daemon=True)
         sampler.start()
-        wall, cpu, own = time.perf_counter(), time.process_time(), _thread_cpu()
+        wall, cpu, own, children = time.perf_counter(), time.process_time(), _thread_cpu(), _children_cpu()
         yield
         self.wall = time.perf_counter() - wall
-        self.cpu = time.process_time() - cpu
+        child_cpu = _children_cpu() - children  # the send step's planner process, reaped by now
+        self.cpu = time.process_time() - cpu + child_cpu
+        if child_cpu:
+            self.threads["planner process"] = child_cpu
         self.loop_cpu = _thread_cpu() - own
         stop.set()
         sampler.join()

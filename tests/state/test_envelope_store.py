@@ -162,6 +162,23 @@ def test_resolve_returns_unexpired_rows_only_and_forget_deletes(store: EnvelopeS
     assert store.get("live") is None and store.resolve(["live"], now=NOW) == {}
 
 
+def test_live_envelopes_are_resolves_rows_reduced_to_what_the_send_step_uses(store: EnvelopeStore) -> None:
+    store.upsert([rec("live", "E-live", NOW - DAY_SECONDS), rec("dead", "E-dead", NOW - 31 * DAY_SECONDS),
+                  rec("other", "E-other", NOW - 2 * DAY_SECONDS)], now=NOW)
+    keys = ["live", "dead", "other", "unknown"]
+    full = store.resolve(keys, now=NOW)
+    live = store.live_envelopes(keys, now=NOW)
+    assert set(live) == set(full) == {"live", "other"}
+    for key, row in full.items():
+        assert (live[key].envelope, live[key].issued_at, live[key].expires_at) == (row.envelope, row.issued_at,
+                                                                                  row.expires_at)
+    assert "E-live" not in repr(live)  # an envelope is a secret for logs
+    # Resolution at send time chooses the same with either.
+    entries = [_entry(0, "E-own", "live", None, None), _entry(1, "E-own", "other", None, None)]
+    session = Session("s:x", key_hash("s:x"), entries)
+    assert resolve_session(session, live, NOW) == resolve_session(session, full, NOW)
+
+
 def _entry(ordinal: int, envelope: str, user_key: str | None, issued: int | None, expires: int | None) -> ShardEntry:
     event = {"event_id": f"e{ordinal}", "event_type": "Purchase", "event_time": NOW - 3600 + ordinal,
              "user_data": {"partner_id": envelope}}

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from liveramp_capi.domain.batches import Batch, cut_batches, request_body
-from liveramp_capi.domain.envelopes import StoredEnvelope, resolve_session
+from liveramp_capi.domain.envelopes import EnvelopeOnFile, resolve_session
 from liveramp_capi.domain.held import HELD, LOST, REASON_NO_USER_KEY, HeldIndex
 from liveramp_capi.domain.sessions import Session, ShardEntry
 
@@ -66,7 +66,7 @@ class SessionPlan:
 
 def plan_session(
     session: Session,
-    stored: Mapping[str, StoredEnvelope],
+    stored: Mapping[str, EnvelopeOnFile],
     now: int,
     *,
     partition: str,

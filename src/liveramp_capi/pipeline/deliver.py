@@ -180,12 +180,40 @@ def deliver_shard(
     # A result or failure list from an earlier try must not be counted for this one.
     storage.remove(layout.result(shard), layout.failed_part(shard), layout.expired_part(shard))
 
-    # Batches are cut deterministically from the shard, so a rerun cuts the same batches and
-    # skips the acknowledged ones by id. (Skipping by event_id would be wrong: ids repeat
-    # across event types, the seed's own app examples all use "1".) Who acknowledged them
-    # decides whether they count as this run's deliveries (an earlier try) or an earlier run's.
-    acknowledged = ledger.acknowledged_batch_runs(partition, shard, shard_count)
-    unknown_outcome = ledger.unresolved_batches(partition, shard, shard_count)
+    # Ledger and held-table work runs on one writer thread, in submission order, so the event
+    # loop never waits on the database while requests are in flight. A batch is only handed to
+    # the loop once the write marking it in flight has committed.
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ledger-shard-{shard}")
+    try:
+        # Batches are cut deterministically from the shard, so a rerun cuts the same batches and
+        # skips the acknowledged ones by id. (Skipping by event_id would be wrong: ids repeat
+        # across event types, the seed's own app examples all use "1".) Who acknowledged them
+        # decides whether they count as this run's deliveries (an earlier try) or an earlier run's.
+        # Events held by an earlier run belong to the held table (recovery delivers them).
+        # The database answers these on the writer thread while this one reads the shard.
+        looked_up = writer.submit(
+            lambda: (
+                ledger.acknowledged_batch_runs(partition, shard, shard_count),
+                ledger.unresolved_batches(partition, shard, shard_count),
+                held.shard_index(partition, shard, shard_count),
+            )
+        )
+        # The sessions live until the task ends: collections while reading them are wasted work,
+        # and they are frozen once read (see delivery/heap.py).
+        with collector_paused(), storage.open_read(layout.shard(shard)) as stream:
+            sessions = list(sessionise(read_shard(stream), gap_seconds=config.session_gap_seconds))
+        # Envelope resolution: the freshest unexpired envelope per user key, the record's own or
+        # the store's; one look-up for the shard (chunked), decided at send time. Events held now
+        # are recorded in the held table before any batch of their session is sent.
+        now = int(time.time())
+        with collector_paused():
+            stored = envelope_store.live_envelopes(
+                {entry.user_key for session in sessions for entry in session.entries if entry.user_key}, now=now
+            )
+        acknowledged, unknown_outcome, held_index = looked_up.result()
+    except BaseException:
+        writer.shutdown(wait=True)
+        raise
     if unknown_outcome:
         _LOG.warning(
             "Shard %d: %d batches were in flight when an earlier try stopped; their outcome is unknown, "
@@ -193,21 +221,7 @@ def deliver_shard(
             shard,
             len(unknown_outcome),
         )
-    # The sessions live until the task ends: collections while reading them are wasted work,
-    # and they are frozen once read (see delivery/heap.py).
-    with collector_paused(), storage.open_read(layout.shard(shard)) as stream:
-        sessions = list(sessionise(read_shard(stream), gap_seconds=config.session_gap_seconds))
-    # Envelope resolution: the freshest unexpired envelope per user key, the record's own or
-    # the store's; one look-up for the shard (chunked), decided at send time.
-    now = int(time.time())
-    with collector_paused():
-        stored = envelope_store.resolve(
-            {entry.user_key for session in sessions for entry in session.entries if entry.user_key}, now=now
-        )
     expired_lines: list[bytes] = []
-    # Events held by an earlier run belong to the held table (recovery delivers them);
-    # events held now are recorded there before any batch of their session is sent.
-    held_index = held.shard_index(partition, shard, shard_count)
 
     counts: Counter[str] = Counter(
         sessions=len(sessions), unknown_outcome_batches=len(unknown_outcome)
@@ -220,10 +234,6 @@ def deliver_shard(
     # Set by a 404: send-events does not know the configuration ID, so every batch would fail.
     abort: list[int] = []
 
-    # Ledger and held-table writes run on one writer thread, in submission order, so the
-    # event loop never waits on the database while requests are in flight. A batch is only
-    # handed to the loop once the write marking it in flight has committed.
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ledger-shard-{shard}")
     ack_writes: deque[Future[None]] = deque()
 
     def mark(group: list[Batch], holds: list[Any]) -> None:
