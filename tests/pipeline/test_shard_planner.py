@@ -1,5 +1,4 @@
-"""The send step's planner, on a thread and in a forked child: the same plan as planning inline,
-bounded lead, errors and early stops (the child's own failure modes are in test_planner_process.py)."""
+"""The send step's planner thread: the same plan as planning inline, bounded lead, errors and early stops."""
 
 from __future__ import annotations
 
@@ -36,11 +35,6 @@ def sessions(count: int, *, size: int = 3, expired_every: int = 0) -> list[Sessi
     return made
 
 
-@pytest.fixture(params=[False, True], ids=["thread", "child-process"])
-def in_child_process(request) -> bool:
-    return bool(request.param)
-
-
 def planner_for(shard: list[Session], **kwargs) -> ShardPlanner:
     return ShardPlanner(shard, plan, lambda p: p.expired_lines(PARTITION, 0), **kwargs)
 
@@ -49,14 +43,14 @@ def plan(session: Session) -> SessionPlan:
     return plan_session(session, {}, NOW, partition=PARTITION, max_events=2, acknowledged={}, held=HeldIndex({}))
 
 
-def test_groups_hold_exactly_what_inline_planning_decides(in_child_process):
+def test_groups_hold_exactly_what_inline_planning_decides():
     shard = sessions(101, size=3, expired_every=7)
     inline = [plan(session) for session in shard]
     expected_counts: Counter[str] = Counter(events=sum(len(s.entries) for s in shard))
     for p in inline:
         p.add_counts(expected_counts)
 
-    with planner_for(shard, group_size=16, ahead=2, in_child_process=in_child_process) as planner:
+    with planner_for(shard, group_size=16, ahead=2) as planner:
         groups = list(planner)
 
     assert all(0 < len(g.batches) <= 16 for g in groups[:-1])
@@ -69,19 +63,19 @@ def test_groups_hold_exactly_what_inline_planning_decides(in_child_process):
     assert expected_counts["envelope_expired_events"] > 0  # the holds above are not vacuous
 
 
-def test_holds_travel_with_the_group_of_their_sessions_first_batch(in_child_process):
+def test_holds_travel_with_the_group_of_their_sessions_first_batch():
     # Session 0: every event held (no batch); session 1: one batch. The hold must come no later
     # than the group holding session 1's batch, so it is recorded before anything after it is sent.
     shard = sessions(2, size=1, expired_every=2)
     assert plan(shard[0]).hold and not plan(shard[0]).batches
-    with planner_for(shard, group_size=1, in_child_process=in_child_process) as planner:
+    with planner_for(shard, group_size=1) as planner:
         groups = list(planner)
     assert groups[0].holds == plan(shard[0]).hold
     assert groups[0].batches == plan(shard[1]).batches
 
 
-def test_an_empty_shard_gives_no_group(in_child_process):
-    with planner_for([], group_size=4, in_child_process=in_child_process) as planner:
+def test_an_empty_shard_gives_no_group():
+    with planner_for([], group_size=4) as planner:
         assert list(planner) == []
 
 
@@ -102,7 +96,7 @@ def test_the_planner_stays_at_most_ahead_groups_in_front():
         assert sum(len(g.batches) for g in groups) == 2_000 - 10
 
 
-def test_a_planning_error_is_raised_in_the_consumer_and_the_thread_ends(in_child_process):
+def test_a_planning_error_is_raised_in_the_consumer_and_the_thread_ends():
     shard = sessions(50, size=1)
 
     def failing(session: Session) -> SessionPlan:
@@ -112,17 +106,15 @@ def test_a_planning_error_is_raised_in_the_consumer_and_the_thread_ends(in_child
 
     consumed = []
     with pytest.raises(ValueError, match="no plan for this session"):
-        with ShardPlanner(shard, failing, lambda p: [], group_size=4, name="planner-failing",
-                          in_child_process=in_child_process) as planner:
+        with ShardPlanner(shard, failing, lambda p: [], group_size=4, name="planner-failing") as planner:
             consumed.extend(planner)
     assert sum(len(g.batches) for g in consumed) <= 30  # nothing planned after the failure is handed out
     assert not any(t.name == "planner-failing" for t in threading.enumerate())
 
 
-def test_leaving_early_stops_a_planner_blocked_on_a_full_queue(in_child_process):
+def test_leaving_early_stops_a_planner_blocked_on_a_full_queue():
     shard = sessions(5_000, size=1)
-    with planner_for(shard, group_size=1, ahead=1, name="planner-early-exit",
-                     in_child_process=in_child_process) as planner:
+    with planner_for(shard, group_size=1, ahead=1, name="planner-early-exit") as planner:
         next(iter(planner))
     assert not any(t.name == "planner-early-exit" for t in threading.enumerate())
 

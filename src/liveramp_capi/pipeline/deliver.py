@@ -27,7 +27,6 @@ from liveramp_capi.domain.send_plan import plan_session
 from liveramp_capi.domain.sessions import read_shard, sessionise
 from liveramp_capi.domain.summary import SHARD_COUNTERS
 from liveramp_capi.pipeline.errors import PermanentStepFailure, StepFailed
-from liveramp_capi.pipeline.planner_process import can_fork
 from liveramp_capi.pipeline.ports import Claim
 from liveramp_capi.pipeline.shard_planner import ShardPlanner
 
@@ -323,7 +322,7 @@ def deliver_shard(
         lambda session: plan_session(session, stored, now, partition=partition, max_events=max_events,
                                      acknowledged=acknowledged, held=held_index, this_run=this_run),
         lambda plan: plan.expired_lines(partition, shard),
-        group_size=_LEDGER_GROUP, name=f"planner-shard-{shard}", in_child_process=can_fork(),
+        group_size=_LEDGER_GROUP, name=f"planner-shard-{shard}",
     )
     try:
         with planner:

@@ -12,15 +12,10 @@ The planner only plans: it never touches the ledger, the held table or the endpo
 consumer marks each group in flight (and checks the claim) exactly as before, so planning
 ahead does not widen the window of batches marked in flight but not yet sent. Per-group
 counters travel with the group, so the consumer's counters stay on one thread.
-
-Where the platform can fork, the planning itself runs in a child process
-(:mod:`.planner_process`) and this thread only reads the child's groups back: the planning then
-holds neither the loop's core nor its interpreter lock.
 """
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 from collections import Counter
@@ -32,11 +27,8 @@ from typing import Any
 from liveramp_capi.domain.batches import Batch
 from liveramp_capi.domain.send_plan import SessionPlan
 from liveramp_capi.domain.sessions import Session, ShardEntry
-from liveramp_capi.pipeline.planner_process import PlannerProcess
 
-__all__ = ["PlannedGroup", "ShardPlanner", "plan_groups"]
-
-_LOG = logging.getLogger(__name__)
+__all__ = ["PlannedGroup", "ShardPlanner"]
 
 #: How often a blocked planner looks whether the consumer has gone (seconds).
 _STOP_POLL_SECONDS = 0.05
@@ -61,34 +53,6 @@ class PlannedGroup:
 _END = object()
 
 
-def plan_groups(
-    sessions: Sequence[Session],
-    plan: Callable[[Session], SessionPlan],
-    expired_lines: Callable[[SessionPlan], list[bytes]],
-    group_size: int,
-) -> Iterator[PlannedGroup]:
-    """Plan ``sessions`` in order and cut the result into groups of ``group_size`` batches.
-
-    A group's holds, counters and expired lines are those of the sessions planned since the
-    previous group, so a session's holds travel no later than its first batch. A last group
-    without batches still carries what its sessions decided.
-    """
-    group = PlannedGroup()
-    for session in sessions:
-        planned = plan(session)
-        group.counts["events"] += len(session.entries)
-        planned.add_counts(group.counts)
-        group.holds.extend(planned.hold)
-        group.expired_lines.extend(expired_lines(planned))
-        for batch in planned.batches:
-            group.batches.append(batch)
-            if len(group.batches) >= group_size:
-                yield group
-                group = PlannedGroup()
-    if group.batches or group.holds or group.counts or group.expired_lines:
-        yield group
-
-
 class ShardPlanner:
     """Plan sessions into groups of batches on a background thread, at most ``ahead`` groups ahead.
 
@@ -101,12 +65,8 @@ class ShardPlanner:
         shard's look-ups bound); called on the planner's thread only.
     :param expired_lines: turns a plan into its ``envelope_expired.jsonl`` lines.
     :param group_size: batches per group (the ledger's group).
-    :param ahead: groups planned and not yet taken, at most (memory and lead are bounded). In a
-        child process the pipe holds a little more (64 KiB on Linux, under one real group).
+    :param ahead: groups planned and not yet taken, at most (memory and lead are bounded).
     :param name: the thread's name (no identifiers).
-    :param in_child_process: plan in a forked child (:mod:`.planner_process`); the thread then
-        only reads its groups. ``plan`` and ``expired_lines`` run in the child, so they must not
-        log, write or use a database connection.
     """
 
     def __init__(
@@ -118,7 +78,6 @@ class ShardPlanner:
         group_size: int,
         ahead: int = 4,
         name: str = "shard-planner",
-        in_child_process: bool = False,
     ) -> None:
         if group_size < 1 or ahead < 1:
             raise ValueError("group_size and ahead must be >= 1")
@@ -129,18 +88,8 @@ class ShardPlanner:
         self._ready: queue.Queue[Any] = queue.Queue(maxsize=ahead)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._in_child_process = in_child_process
-        self._child: PlannerProcess | None = None
 
     def __enter__(self) -> ShardPlanner:
-        if self._in_child_process:
-            try:
-                self._child = PlannerProcess(
-                    self._sessions,
-                    lambda sessions: plan_groups(sessions, self._plan, self._expired_lines, self._group_size),
-                )
-            except OSError as exc:  # no process to spare (EAGAIN, ENOMEM): the thread plans itself
-                _LOG.warning("Could not start the planner process (%s); planning on a thread instead", exc.strerror)
         self._thread.start()
         return self
 
@@ -150,12 +99,8 @@ class ShardPlanner:
         self.close()
 
     def close(self) -> None:
-        """Stop planning and wait for the thread (and the child process) to end (idempotent)."""
+        """Stop planning and wait for the thread (idempotent)."""
         self._stop.set()
-        if self._child is not None:
-            # The reader thread is blocked on the pipe or on the queue: the child's end gives it
-            # an end of file, the loop below makes room in the queue.
-            self._child.kill()
         while self._thread.is_alive():
             # A planner blocked on a full queue wakes up once there is room, sees the stop and ends.
             try:
@@ -163,8 +108,6 @@ class ShardPlanner:
             except queue.Empty:
                 pass
             self._thread.join(_STOP_POLL_SECONDS)
-        if self._child is not None:
-            self._child.reap()
 
     def __iter__(self) -> Iterator[PlannedGroup]:
         """The planned groups, in order; raises what the planning raised."""
@@ -187,19 +130,26 @@ class ShardPlanner:
                 continue
         return False
 
-    def _groups(self) -> Iterator[PlannedGroup]:
-        if self._child is None:
-            yield from plan_groups(self._sessions, self._plan, self._expired_lines, self._group_size)
-            return
-        for batches, holds, counts, expired_lines in self._child.groups():
-            yield PlannedGroup(batches, holds, counts, expired_lines)
-
     def _run(self) -> None:
         try:
-            for group in self._groups():
-                if self._stop.is_set() or not self._put(group):
+            group = PlannedGroup()
+            for session in self._sessions:
+                if self._stop.is_set():
+                    return
+                plan = self._plan(session)
+                group.counts["events"] += len(session.entries)
+                plan.add_counts(group.counts)
+                group.holds.extend(plan.hold)
+                group.expired_lines.extend(self._expired_lines(plan))
+                for batch in plan.batches:
+                    group.batches.append(batch)
+                    if len(group.batches) >= self._group_size:
+                        if not self._put(group):
+                            return
+                        group = PlannedGroup()
+            if group.batches or group.holds or group.counts or group.expired_lines:
+                if not self._put(group):
                     return
             self._put(_END)
         except BaseException as exc:  # handed to the consumer, raised there
-            if not self._stop.is_set():
-                self._put(exc)
+            self._put(exc)
