@@ -94,6 +94,7 @@ class _Timed:
 
     def __init__(self) -> None:
         self.wall = self.cpu = self.loop_cpu = self.start_wall = self.start_cpu = 0.0
+        self.minor_faults = 0
         self.threads: dict[str, float] = {}
 
     @contextmanager
@@ -117,7 +118,9 @@ class _Timed:
         sampler = threading.Thread(target=sample, name="bench-shard-sampler", daemon=True)
         sampler.start()
         wall, cpu, own, children = time.perf_counter(), time.process_time(), _thread_cpu(), _children_cpu()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         yield
+        self.minor_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         self.wall = time.perf_counter() - wall
         child_cpu = _children_cpu() - children  # the send step's planner process, reaped by now
         self.cpu = time.process_time() - cpu + child_cpu
@@ -247,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                 timed, requests = run(sender)
                 timed.threads["stand-in process"] = _process_cpu(standin.process.pid) - standin_cpu
                 row = {"start_wall": timed.start_wall, "start_cpu": timed.start_cpu, "wall": timed.wall, "cpu": timed.cpu, "loop_cpu": timed.loop_cpu, "requests": requests,
+                       "minor_faults": timed.minor_faults,
                        **{f"cpu:{name}": value for name, value in timed.threads.items()}}
                 figures[name].append(row)
                 print(f"{name:5} #{repeat}: {timed.wall:6.2f} s wall, {timed.cpu:6.2f} s CPU "
@@ -254,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                       + (f" of which {timed.start_cpu:.2f} s before sending ({timed.start_wall:.2f} s wall)"
                          if timed.start_wall else "")
                       + "".join(f", {value:.2f} s {name}" for name, value in sorted(timed.threads.items()))
-                      + f"), {requests:,} requests", flush=True)
+                      + f"), {requests:,} requests, {timed.minor_faults:,} minor page faults", flush=True)
     for name, rows in figures.items():
         if rows:
             walls = [row["wall"] for row in rows]
