@@ -558,7 +558,7 @@ def run_dag_child(partition: str, out: str, dag_id: str = "tiktok_conversions") 
                 return original(self, context)
             finally:
                 seconds[label] = time.perf_counter() - started
-                # The send step's planner process (reaped before execute returns) counts as the task's.
+                # A child process the task started and waited for counts as the task's own CPU.
                 cpu_seconds[label] = time.process_time() - cpu_started + _children_cpu() - children_started
                 thread_cpu_seconds[label] = time.thread_time() - thread_started
                 other_threads_cpu[label] = {

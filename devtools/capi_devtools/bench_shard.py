@@ -1,8 +1,8 @@
 """One send task, timed alone: ``deliver_shard`` on one shard of a ``bench --send-only`` run,
 against ``BatchSender`` on the same shard's batches, ready-made, in the same process and minute.
 
-The 1M-event bench gives one ratio for eleven tasks run under Airflow; this takes one shard and
-repeats it, so a change to the send step can be measured in a minute with little noise::
+The 1M-event bench gives one ratio for eleven tasks run under Airflow and takes minutes; this
+takes one shard and repeats it, so a change to the send step can be measured in a minute::
 
     python -m capi_devtools.bench --send-only --workdir /tmp/benchw     # once: the data
     python -m capi_devtools.bench_shard --workdir /tmp/benchw --shard 0 --repeat 3
@@ -10,7 +10,8 @@ repeats it, so a change to the send step can be measured in a minute with little
 Each repeat works on a copy of the run's state database with the shard's ledger and held rows
 deleted (so every batch is sent again, as in the bench) and on a copy of the shard's work files
 under ``_work/bench-shard``; the bench's own output is left as it was. The two modes alternate so
-both see the same noise. ``--profile PATH`` writes a cProfile of the last ``task`` repeat.
+both see the same noise; on a shared machine one repeat's ratio still moves by 0.1 or more, so
+compare medians of several. ``--profile PATH`` writes a cProfile of the last ``task`` repeat.
 """
 
 from __future__ import annotations
@@ -122,10 +123,10 @@ class _Timed:
         yield
         self.minor_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         self.wall = time.perf_counter() - wall
-        child_cpu = _children_cpu() - children  # the send step's planner process, reaped by now
+        child_cpu = _children_cpu() - children  # a child process the task started and waited for
         self.cpu = time.process_time() - cpu + child_cpu
         if child_cpu:
-            self.threads["planner process"] = child_cpu
+            self.threads["child processes"] = child_cpu
         self.loop_cpu = _thread_cpu() - own
         stop.set()
         sampler.join()

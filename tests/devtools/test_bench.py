@@ -50,3 +50,39 @@ def test_bench_quick_run_prints_one_table_and_counts_add_up(airflow_db, tmp_path
         assert run["state"] == "success" and run["delivered"] == run["valid_expected"] > 0
         assert run["latency_seconds"] > 0
     assert data["granularity"]["hourly"]["partition"] == data["granularity"]["daily"]["partition"] + "T13"
+
+
+def test_bench_shard_times_one_send_task_without_touching_the_benchs_state(airflow_db, tmp_path) -> None:
+    import sqlite3
+
+    work = tmp_path / "work"
+    made = subprocess.run(
+        [sys.executable, "-m", "capi_devtools.bench", "--send-only", "--quick", "--events", "1500",
+         "--workdir", str(work), "--airflow-home", str(airflow_db)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert made.returncode in (0, 1), made.stdout[-3000:] + made.stderr[-3000:]
+    state = work / "e2e-1500" / "state.db"
+
+    def ledger() -> list[tuple[str, int]]:
+        with sqlite3.connect(state) as connection:
+            return connection.execute("SELECT state, count(*) FROM capi_delivery_ledger GROUP BY state").fetchall()
+
+    before = ledger()
+    assert before and all(state_name == "acknowledged" for state_name, _ in before)
+    out = tmp_path / "shard.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "capi_devtools.bench_shard", "--workdir", str(work), "--events", "1500",
+         "--repeat", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert len(figures["task"]) == len(figures["ready"]) == 2
+    # The task sends every batch of the shard again (its ledger rows were removed in the copy),
+    # exactly as many as the same shard's batches planned ahead for BatchSender.
+    requests = {row["requests"] for row in figures["task"] + figures["ready"]}
+    assert len(requests) == 1 and requests.pop() > 0
+    assert all(row["start_wall"] > 0 and row["cpu"] > 0 for row in figures["task"])
+    assert "task vs ready (medians)" in result.stdout
+    assert ledger() == before  # the bench's own state database is left as it was
