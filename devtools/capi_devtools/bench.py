@@ -553,13 +553,11 @@ def run_dag_child(partition: str, out: str, dag_id: str = "tiktok_conversions") 
                 profiler.enable()
             threads_started = _threads_cpu()
             started, cpu_started, thread_started = time.perf_counter(), time.process_time(), time.thread_time()
-            children_started = _children_cpu()
             try:
                 return original(self, context)
             finally:
                 seconds[label] = time.perf_counter() - started
-                # A child process the task started and waited for counts as the task's own CPU.
-                cpu_seconds[label] = time.process_time() - cpu_started + _children_cpu() - children_started
+                cpu_seconds[label] = time.process_time() - cpu_started
                 thread_cpu_seconds[label] = time.thread_time() - thread_started
                 other_threads_cpu[label] = {
                     name: round(cpu - threads_started.get(name, 0.0), 3)
@@ -697,15 +695,17 @@ def run_end_to_end(
     }
 
 
-def _children_cpu() -> float:
-    """CPU seconds of this process's children that have ended and been waited for."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+def proc_stat_cpu(path: str) -> float:
+    """User + system CPU seconds of a process or thread, from its ``/proc/.../stat`` file (Linux).
+
+    :raises OSError: when the process or thread has gone.
+    """
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _threads_cpu() -> dict[str, float]:
     """CPU seconds of each live thread of this process but the calling one, by thread name (Linux /proc)."""
-    ticks = os.sysconf("SC_CLK_TCK")
     own = threading.get_native_id()
     cpu: dict[str, float] = {}
     for thread in threading.enumerate():
@@ -713,11 +713,9 @@ def _threads_cpu() -> dict[str, float]:
         if tid is None or tid == own:
             continue
         try:
-            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu[f"{thread.name}#{tid}"] = proc_stat_cpu(f"/proc/self/task/{tid}/stat")
         except OSError:
             continue
-        name = f"{thread.name}#{tid}"
-        cpu[name] = (int(fields[11]) + int(fields[12])) / ticks
     return cpu
 
 

@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
-import os
 import resource
 import shutil
 import sqlite3
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,22 +30,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from capi_devtools.bench import CONFIG_ID, proc_stat_cpu
+
 #: The run folder of the copies (``PartitionStorage`` run id): never the bench's own.
 _RUN_ID = "bench-shard"
 
 
 def _thread_cpu() -> float:
-    return resource.getrusage(resource.RUSAGE_THREAD).ru_utime + resource.getrusage(resource.RUSAGE_THREAD).ru_stime
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    usage = resource.getrusage(resource.RUSAGE_THREAD)
     return usage.ru_utime + usage.ru_stime
-
-
-def _process_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _source_run(root: Path) -> tuple[str, str]:
@@ -110,23 +101,19 @@ class _Timed:
                     if thread.native_id in before or thread.native_id is None or thread.native_id == sampler.native_id:
                         continue
                     try:
-                        fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+                        ticks = proc_stat_cpu(f"/proc/self/task/{thread.native_id}/stat")
                     except OSError:
                         continue
-                    ticks = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
                     seen[thread.native_id] = (thread.name.split("_")[0].rstrip("-0123456789"), ticks)
 
         sampler = threading.Thread(target=sample, name="bench-shard-sampler", daemon=True)
         sampler.start()
-        wall, cpu, own, children = time.perf_counter(), time.process_time(), _thread_cpu(), _children_cpu()
+        wall, cpu, own = time.perf_counter(), time.process_time(), _thread_cpu()
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         yield
         self.minor_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         self.wall = time.perf_counter() - wall
-        child_cpu = _children_cpu() - children  # a child process the task started and waited for
-        self.cpu = time.process_time() - cpu + child_cpu
-        if child_cpu:
-            self.threads["child processes"] = child_cpu
+        self.cpu = time.process_time() - cpu
         self.loop_cpu = _thread_cpu() - own
         stop.set()
         sampler.join()
@@ -134,7 +121,9 @@ class _Timed:
             self.threads[name] = self.threads.get(name, 0.0) + ticks
 
 
-def _task(root: Path, scratch: Path, shard: int, sender: Any, profile: Path | None) -> tuple[_Timed, int]:
+def _task(root: Path, scratch: Path, source: tuple[str, str], shard: int, sender: Any,
+          profile: Path | None) -> tuple[_Timed, int]:
+    from liveramp_capi.domain.batches import DEFAULT_MAX_BATCH_EVENTS
     from liveramp_capi.pipeline.deliver import ShardConfig, deliver_shard
     from liveramp_capi.state.database import make_engine
     from liveramp_capi.state.envelope_store import EnvelopeStore
@@ -142,7 +131,7 @@ def _task(root: Path, scratch: Path, shard: int, sender: Any, profile: Path | No
     from liveramp_capi.state.lease import LeaseKeeper, PartitionLease
     from liveramp_capi.state.ledger import DeliveryLedger
 
-    partition, run_id = _source_run(root)
+    partition, run_id = source
     storage = _scratch_work(root, partition, run_id, shard)
     shard_count = int(storage.read_json(storage.layout.validation)["shard_count"])
     engine = make_engine(f"sqlite:///{_scratch_state(root, scratch, partition, shard, shard_count)}")
@@ -150,7 +139,7 @@ def _task(root: Path, scratch: Path, shard: int, sender: Any, profile: Path | No
     if not lease.acquire(partition, _RUN_ID, "bench-shard").acquired:
         raise SystemExit("the scratch state DB's partition is claimed by another run")
     timed = _Timed()
-    profiler = cProfile.Profile() if profile else None
+    profiler = cProfile.Profile() if profile is not None else None
 
     def send(*args: Any, **kwargs: Any) -> Any:
         # Everything before this call is the task's start: reading, look-ups, sessions.
@@ -162,27 +151,29 @@ def _task(root: Path, scratch: Path, shard: int, sender: Any, profile: Path | No
         if profiler:
             profiler.enable()
         done = deliver_shard(
-            ShardConfig(shard, 50, "liveramp_capi_default"), storage, DeliveryLedger(engine), EnvelopeStore(engine),
+            ShardConfig(shard, DEFAULT_MAX_BATCH_EVENTS, "liveramp_capi_default"), storage, DeliveryLedger(engine), EnvelopeStore(engine),
             HeldConversions(engine), send, claim, airflow_run_id=_RUN_ID, try_number=1,
         )
         if profiler:
             profiler.disable()
-    if profiler and profile:
+    if profiler is not None and profile is not None:
         profiler.dump_stats(profile)
     engine.dispose()
     return timed, int(done.result["requests"])
 
 
-def _ready_batches(root: Path, shard: int) -> list[Any]:
+def _ready_batches(root: Path, source: tuple[str, str], shard: int) -> list[Any]:
     """The shard's batches as the send step plans them (nothing acknowledged, nothing held)."""
+    from liveramp_capi.domain.batches import DEFAULT_MAX_BATCH_EVENTS
     from liveramp_capi.domain.held import HeldIndex
     from liveramp_capi.domain.send_plan import plan_session
     from liveramp_capi.domain.sessions import read_shard, sessionise
     from liveramp_capi.state.database import make_engine
     from liveramp_capi.state.envelope_store import EnvelopeStore
+    from liveramp_capi.storage import PartitionStorage
 
-    partition, run_id = _source_run(root)
-    storage = _scratch_work(root, partition, run_id, shard)
+    partition, run_id = source
+    storage = PartitionStorage(None, f"file://{root / 'output'}", partition, run_id)  # only read
     with storage.open_read(storage.layout.shard(shard)) as stream:
         sessions = list(sessionise(read_shard(stream)))
     now = int(time.time())
@@ -193,8 +184,8 @@ def _ready_batches(root: Path, shard: int) -> list[Any]:
     engine.dispose()
     held = HeldIndex({}, set())
     return [batch for session in sessions
-            for batch in plan_session(session, stored, now, partition=partition, max_events=50, acknowledged={},
-                                      held=held).batches]
+            for batch in plan_session(session, stored, now, partition=partition, max_events=DEFAULT_MAX_BATCH_EVENTS,
+                                      acknowledged={}, held=held).batches]
 
 
 def _ready(batches: list[Any], sender: Any) -> tuple[_Timed, int]:
@@ -225,8 +216,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from capi_devtools.bench import CONFIG_ID
     from capi_devtools.standin_fixture import running_standin
     from liveramp_capi.delivery.sender import BatchSender
     from liveramp_capi.delivery.settings import CapiSettings
@@ -234,25 +223,30 @@ def main(argv: list[str] | None = None) -> int:
     root = args.workdir / f"e2e-{args.events}"
     scratch = args.workdir / "bench-shard"
     scratch.mkdir(parents=True, exist_ok=True)
-    batches = _ready_batches(root, args.shard) if args.mode != "task" else []
+    source = _source_run(root)
+    batches = _ready_batches(root, source, args.shard) if args.mode != "task" else []
     figures: dict[str, list[dict[str, float]]] = {"task": [], "ready": []}
-    runs: list[tuple[str, Callable[[Any], tuple[_Timed, int]]]] = []
+    # Each run takes the sender and whether this is the last repeat (the one profiled).
+    runs: list[tuple[str, Callable[[Any, bool], tuple[_Timed, int]]]] = []
     if args.mode in ("both", "ready"):
-        runs.append(("ready", lambda sender: _ready(batches, sender)))
+        runs.append(("ready", lambda sender, last: _ready(batches, sender)))
     if args.mode in ("both", "task"):
-        runs.append(("task", lambda sender: _task(root, scratch, args.shard, sender,
-                                                   args.profile if repeat == args.repeat - 1 else None)))
+        runs.append(("task", lambda sender, last: _task(root, scratch, source, args.shard, sender,
+                                                         args.profile if last else None)))
     with running_standin("--latency-ms", str(args.latency_ms), "--no-keep-in-memory", config_id=CONFIG_ID) as standin:
         for repeat in range(args.repeat):
             for name, run in runs:
                 sender = BatchSender(standin.url, CONFIG_ID, CapiSettings(concurrency=args.concurrency,
                                                                           verify_tls=False))
-                standin_cpu = _process_cpu(standin.process.pid)
-                timed, requests = run(sender)
-                timed.threads["stand-in process"] = _process_cpu(standin.process.pid) - standin_cpu
-                row = {"start_wall": timed.start_wall, "start_cpu": timed.start_cpu, "wall": timed.wall, "cpu": timed.cpu, "loop_cpu": timed.loop_cpu, "requests": requests,
-                       "minor_faults": timed.minor_faults,
-                       **{f"cpu:{name}": value for name, value in timed.threads.items()}}
+                standin_stat = f"/proc/{standin.process.pid}/stat"
+                standin_cpu = proc_stat_cpu(standin_stat)
+                timed, requests = run(sender, repeat == args.repeat - 1)
+                timed.threads["stand-in process"] = proc_stat_cpu(standin_stat) - standin_cpu
+                row = {
+                    "start_wall": timed.start_wall, "start_cpu": timed.start_cpu, "wall": timed.wall, "cpu": timed.cpu,
+                    "loop_cpu": timed.loop_cpu, "requests": requests, "minor_faults": timed.minor_faults,
+                    **{f"cpu:{name}": value for name, value in timed.threads.items()},
+                }
                 figures[name].append(row)
                 print(f"{name:5} #{repeat}: {timed.wall:6.2f} s wall, {timed.cpu:6.2f} s CPU "
                       f"({timed.loop_cpu:5.2f} s on the calling thread"
