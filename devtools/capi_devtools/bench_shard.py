@@ -12,6 +12,11 @@ deleted (so every batch is sent again, as in the bench) and on a copy of the sha
 under ``_work/bench-shard``; the bench's own output is left as it was. The two modes alternate so
 both see the same noise; on a shared machine one repeat's ratio still moves by 0.1 or more, so
 compare medians of several. ``--profile PATH`` writes a cProfile of the last ``task`` repeat.
+
+``--without-ledger-writes`` is a bound, not a delivery: the task reads the ledger as usual but
+never marks, acknowledges or fails a batch. It shows what the send step would cost if its
+ledger writes were free, so a change to them can be weighed before it is made. Its rows are
+labelled ``task*`` and it is never what a send task does.
 """
 
 from __future__ import annotations
@@ -121,8 +126,25 @@ class _Timed:
             self.threads[name] = self.threads.get(name, 0.0) + ticks
 
 
+def _ledger_without_writes(engine: Any) -> Any:
+    """The delivery ledger with its reads and none of its writes (``--without-ledger-writes``)."""
+    from liveramp_capi.state.ledger import DeliveryLedger
+
+    class LedgerWithoutWrites(DeliveryLedger):
+        def mark_in_flight(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+        def record_acknowledged(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+        def record_failed(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    return LedgerWithoutWrites(engine)
+
+
 def _task(root: Path, scratch: Path, source: tuple[str, str], shard: int, sender: Any,
-          profile: Path | None) -> tuple[_Timed, int]:
+          profile: Path | None, *, ledger_writes: bool = True) -> tuple[_Timed, int]:
     from liveramp_capi.domain.batches import DEFAULT_MAX_BATCH_EVENTS
     from liveramp_capi.pipeline.deliver import ShardConfig, deliver_shard
     from liveramp_capi.state.database import make_engine
@@ -140,6 +162,7 @@ def _task(root: Path, scratch: Path, source: tuple[str, str], shard: int, sender
         raise SystemExit("the scratch state DB's partition is claimed by another run")
     timed = _Timed()
     profiler = cProfile.Profile() if profile is not None else None
+    ledger = DeliveryLedger(engine) if ledger_writes else _ledger_without_writes(engine)
 
     def send(*args: Any, **kwargs: Any) -> Any:
         # Everything before this call is the task's start: reading, look-ups, sessions.
@@ -151,7 +174,7 @@ def _task(root: Path, scratch: Path, source: tuple[str, str], shard: int, sender
         if profiler:
             profiler.enable()
         done = deliver_shard(
-            ShardConfig(shard, DEFAULT_MAX_BATCH_EVENTS, "liveramp_capi_default"), storage, DeliveryLedger(engine), EnvelopeStore(engine),
+            ShardConfig(shard, DEFAULT_MAX_BATCH_EVENTS, "liveramp_capi_default"), storage, ledger, EnvelopeStore(engine),
             HeldConversions(engine), send, claim, airflow_run_id=_RUN_ID, try_number=1,
         )
         if profiler:
@@ -214,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("both", "task", "ready"), default="both")
     parser.add_argument("--profile", type=Path, help="cProfile output of the last task repeat")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--without-ledger-writes", action="store_true",
+                        help="a bound, not a delivery: the task skips every ledger write (rows 'task*')")
     args = parser.parse_args(argv)
 
     from capi_devtools.standin_fixture import running_standin
@@ -225,14 +250,18 @@ def main(argv: list[str] | None = None) -> int:
     scratch.mkdir(parents=True, exist_ok=True)
     source = _source_run(root)
     batches = _ready_batches(root, source, args.shard) if args.mode != "task" else []
-    figures: dict[str, list[dict[str, float]]] = {"task": [], "ready": []}
+    task = "task*" if args.without_ledger_writes else "task"
+    if args.without_ledger_writes:
+        print("task*: a bound, not a delivery: the send task skips every ledger write", flush=True)
+    figures: dict[str, list[dict[str, float]]] = {task: [], "ready": []}
     # Each run takes the sender and whether this is the last repeat (the one profiled).
     runs: list[tuple[str, Callable[[Any, bool], tuple[_Timed, int]]]] = []
     if args.mode in ("both", "ready"):
         runs.append(("ready", lambda sender, last: _ready(batches, sender)))
     if args.mode in ("both", "task"):
-        runs.append(("task", lambda sender, last: _task(root, scratch, source, args.shard, sender,
-                                                         args.profile if last else None)))
+        runs.append((task, lambda sender, last: _task(root, scratch, source, args.shard, sender,
+                                                       args.profile if last else None,
+                                                       ledger_writes=not args.without_ledger_writes)))
     with running_standin("--latency-ms", str(args.latency_ms), "--no-keep-in-memory", config_id=CONFIG_ID) as standin:
         for repeat in range(args.repeat):
             for name, run in runs:
@@ -258,10 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         if rows:
             walls = [row["wall"] for row in rows]
             print(f"{name:5}: median {statistics.median(walls):.2f} s, best {min(walls):.2f} s")
-    if figures["task"] and figures["ready"]:
+    if figures[task] and figures["ready"]:
         ratio = statistics.median(r["wall"] for r in figures["ready"]) / statistics.median(
-            r["wall"] for r in figures["task"])
-        print(f"task vs ready (medians): {ratio:.2f}x")
+            r["wall"] for r in figures[task])
+        print(f"{task} vs ready (medians): {ratio:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     return 0

@@ -86,3 +86,23 @@ def test_bench_shard_times_one_send_task_without_touching_the_benchs_state(airfl
     assert all(row["start_wall"] > 0 and row["cpu"] > 0 for row in figures["task"])
     assert "task vs ready (medians)" in result.stdout
     assert ledger() == before  # the bench's own state database is left as it was
+
+    def written_by_the_harness() -> int:
+        with sqlite3.connect(work / "bench-shard" / "state.db") as connection:
+            return connection.execute(
+                "SELECT count(*) FROM capi_delivery_ledger WHERE run_id LIKE 'bench-shard#%'").fetchone()[0]
+
+    # A real task writes a row for each batch it sent (a request each, retries aside).
+    assert 0 < written_by_the_harness() <= figures["task"][-1]["requests"]
+    # The bound: the same task with its ledger writes skipped sends as much and writes nothing.
+    bound = subprocess.run(
+        [sys.executable, "-m", "capi_devtools.bench_shard", "--workdir", str(work), "--events", "1500",
+         "--repeat", "1", "--mode", "task", "--without-ledger-writes", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert bound.returncode == 0, bound.stdout[-3000:] + bound.stderr[-3000:]
+    assert "a bound, not a delivery" in bound.stdout and "task* vs ready" not in bound.stdout
+    rows = json.loads(out.read_text())["task*"]
+    assert [row["requests"] for row in rows] == [figures["task"][0]["requests"]]
+    assert written_by_the_harness() == 0
+    assert ledger() == before
