@@ -123,7 +123,7 @@ def test_reads_of_a_database_without_tables(engine):
 
 def test_failed_batches_page_reads_the_state_index_not_the_whole_partition(tmp_path):
     """With ``ORDER BY batch_id LIMIT`` SQLite walked the primary key over every row of the
-    partition (0.49 s a page on a 1M-event partition); the page must come from the
+    partition (0.55-0.62 s a page on a 1M-event partition); the page must come from the
     ``(partition, state)`` index and still be in batch id order."""
     engine = make_engine(f"sqlite:///{tmp_path}/state.db")
     DeliveryLedger(engine).ensure_schema()
