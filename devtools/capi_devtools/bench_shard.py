@@ -31,7 +31,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +161,7 @@ def _task(root: Path, scratch: Path, source: tuple[str, str], shard: int, sender
     if not lease.acquire(partition, _RUN_ID, "bench-shard").acquired:
         raise SystemExit("the scratch state DB's partition is claimed by another run")
     timed = _Timed()
-    profiler = cProfile.Profile() if profile is not None else None
+    profiler = cProfile.Profile()  # enabled only around the send step, and only with --profile
     ledger = DeliveryLedger(engine) if ledger_writes else _ledger_without_writes(engine)
 
     def send(*args: Any, **kwargs: Any) -> Any:
@@ -170,16 +170,13 @@ def _task(root: Path, scratch: Path, source: tuple[str, str], shard: int, sender
         return sender.deliver_sync(*args, **kwargs)
 
     started = [time.perf_counter(), _thread_cpu()]
-    with LeaseKeeper(lease, partition, _RUN_ID, "bench-shard") as claim, timed.measure():
-        if profiler:
-            profiler.enable()
+    with (LeaseKeeper(lease, partition, _RUN_ID, "bench-shard") as claim, timed.measure(),
+          profiler if profile is not None else nullcontext()):
         done = deliver_shard(
             ShardConfig(shard, DEFAULT_MAX_BATCH_EVENTS, "liveramp_capi_default"), storage, ledger, EnvelopeStore(engine),
             HeldConversions(engine), send, claim, airflow_run_id=_RUN_ID, try_number=1,
         )
-        if profiler:
-            profiler.disable()
-    if profiler is not None and profile is not None:
+    if profile is not None:
         profiler.dump_stats(profile)
     engine.dispose()
     return timed, int(done.result["requests"])
